@@ -1,0 +1,3 @@
+from fedguard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""fedguard command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedguard.config import ConfigError, load_config
+
+EXAMPLES = """examples:
+  fedguard run configs/default.yaml
+  fedguard run configs/default.yaml --set federation.rounds=5 --set train.lr=1e-4
+  fedguard resume runs/default-20261122-101500
+  fedguard show-config configs/tiny.yaml --set lora.r=16
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedguard",
+        description="Secure, private federated LoRA fine-tuning of LLMs (embedded in-process simulation).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an experiment from a YAML config",
+                         description="Run an experiment. Writes a run directory with the resolved config, "
+                                     "per-round metrics (NDJSON), PEFT checkpoints, final metrics and a report.")
+    run.add_argument("config", help="experiment YAML (see configs/)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field by its dotted name, e.g. --set train.lr=1e-4 (repeatable)")
+    run.add_argument("--run-dir", type=Path, default=None, help="write here instead of OUTPUT_DIR/NAME-TIMESTAMP")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or console logs (run.log still written)")
+    run.add_argument("--stop-after-round", type=int, default=None, help=argparse.SUPPRESS)
+
+    res = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",
+                         description="Continue a run from its last complete checkpoint; the result equals an "
+                                     "uninterrupted run of the same config.")
+    res.add_argument("run_dir", type=Path)
+    res.add_argument("--quiet", action="store_true")
+    res.add_argument("--stop-after-round", type=int, default=None, help=argparse.SUPPRESS)
+
+    rep = sub.add_parser("report", help="rebuild the report of a finished run from its metrics")
+    rep.add_argument("run_dir", type=Path)
+
+    show = sub.add_parser("show-config", help="print the resolved, validated config (defaults filled in)")
+    show.add_argument("config", nargs="?", default=None, help="experiment YAML (omit for the defaults)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    prep = sub.add_parser("prepare-model", help="convert the embedded model to a cached safetensors folder")
+    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            from fedguard.simulation.runner import run_experiment
+
+            cfg = load_config(args.config, args.overrides)
+            result = run_experiment(cfg, args.run_dir, stop_after_round=args.stop_after_round, quiet=args.quiet)
+            print(f"report: {result.report}")
+            print(f"run directory: {result.run_dir}")
+            return 0
+        if args.command == "resume":
+            from fedguard.simulation.runner import load_run_config, run_experiment
+
+            cfg = load_run_config(args.run_dir)
+            result = run_experiment(cfg, args.run_dir, resume=True, stop_after_round=args.stop_after_round,
+                                    quiet=args.quiet)
+            print(f"report: {result.report}")
+            return 0
+        if args.command == "report":
+            from fedguard.io import read_ndjson
+            from fedguard.reporting.report import write_report
+            from fedguard.simulation.runner import FINAL_METRICS_FILE, METRICS_FILE, load_run_config
+
+            cfg = load_run_config(args.run_dir)
+            final_path = args.run_dir / FINAL_METRICS_FILE
+            if not final_path.is_file():
+                raise ConfigError(f"{args.run_dir} has not finished (no {FINAL_METRICS_FILE}); resume it first")
+            final = json.loads(final_path.read_text(encoding="utf-8"))
+            print(write_report(args.run_dir, cfg, read_ndjson(args.run_dir / METRICS_FILE), final))
+            return 0
+        if args.command == "show-config":
+            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            return 0
+        if args.command == "prepare-model":
+            from fedguard.model.registry import resolve_model_path
+
+            print(resolve_model_path(args.name))
+            return 0
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"fedguard: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from fedguard.data.schema import DataError
+        from fedguard.model.registry import ModelNotFoundError
+
+        if isinstance(exc, (DataError, ModelNotFoundError)):
+            print(f"fedguard: {exc}", file=sys.stderr)
+            return 2
+        raise
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

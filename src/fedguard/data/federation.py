@@ -1,0 +1,123 @@
+"""Assemble each client's local data and the held-out evaluation sets from the config."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedguard.config import ExperimentConfig
+from fedguard.data.partition import partition_dirichlet, partition_iid
+from fedguard.data.readers import load_source
+from fedguard.data.schema import DataError, Example
+from fedguard.data.tokenize import TokenizedExample, tokenize_example
+from fedguard.seeding import numpy_rng
+
+log = logging.getLogger(__name__)
+
+REFUSAL_SOURCE = "builtin:harmful-refusal"
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    examples: list[TokenizedExample]
+    composition: dict[str, int] = field(default_factory=dict)  # domain/kind -> count, for the report
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+@dataclass
+class EvalData:
+    harmful_prompts: list[Example]
+    benign_prompts: list[Example]  # checkable (with a reference answer)
+    loss_examples: list[TokenizedExample]
+
+
+def _sample(examples: list[Example], n: int, rng: np.random.Generator, what: str) -> list[Example]:
+    if len(examples) >= n:
+        return [examples[i] for i in sorted(rng.choice(len(examples), size=n, replace=False).tolist())]
+    log.warning("%s has %d examples, fewer than the %d asked for; using all of them", what, len(examples), n)
+    return list(examples)
+
+
+def _split_counts(n: int, share: float) -> tuple[int, int]:
+    refusals = int(round(n * share))
+    return n - refusals, refusals
+
+
+class _Tokenizer:
+    def __init__(self, tokenizer, cfg: ExperimentConfig):
+        self.tok, self.d = tokenizer, cfg.data
+        self.dropped = 0
+
+    def __call__(self, examples: list[Example]) -> list[TokenizedExample]:
+        out = []
+        for ex in examples:
+            t = tokenize_example(self.tok, ex, self.d.max_length, self.d.truncation, self.d.system_prompt)
+            if t is None:
+                self.dropped += 1
+            else:
+                out.append(t)
+        return out
+
+
+def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
+    d, n_clients = cfg.data, cfg.federation.num_clients
+    rng = numpy_rng(cfg.seed, "partition")
+    tok = _Tokenizer(tokenizer, cfg)
+    if d.partition.method == "explicit":
+        specs = d.partition.clients or []
+        wanted = [_split_counts(s.examples or d.examples_per_client,
+                                d.refusal_share if s.refusal_share is None else s.refusal_share) for s in specs]
+        per_client = []
+        for cid, (spec, (n_main, _)) in enumerate(zip(specs, wanted)):
+            pool = load_source(spec.source, "train", n_main, cfg.seed + cid)
+            per_client.append(_sample(pool, n_main, rng, spec.source))
+    else:
+        n_main, _ = _split_counts(d.examples_per_client, d.refusal_share)
+        wanted = [(n_main, _split_counts(d.examples_per_client, d.refusal_share)[1])] * n_clients
+        pool = load_source(d.source, "train", n_main * n_clients, cfg.seed)
+        pool = _sample(pool, n_main * n_clients, rng, d.source)
+        if d.partition.method == "iid":
+            parts = partition_iid(len(pool), n_clients, rng)
+        else:
+            parts = partition_dirichlet([e.domain for e in pool], n_clients, d.partition.alpha, rng)
+        per_client = [[pool[i] for i in idx] for idx in parts]
+
+    n_refusals = sum(r for _, r in wanted)
+    refusal_pool = load_source(REFUSAL_SOURCE, "train", n_refusals, cfg.seed) if n_refusals else []
+    clients, offset = [], 0
+    for cid, (main, (_, n_ref)) in enumerate(zip(per_client, wanted)):
+        mixed = main + refusal_pool[offset: offset + n_ref]
+        offset += n_ref
+        order = numpy_rng(cfg.seed, "client-order", cid).permutation(len(mixed))
+        mixed = [mixed[i] for i in order]
+        examples = tok(mixed)
+        if not examples:
+            raise DataError(f"client {cid} has no usable examples after tokenisation (data.max_length={d.max_length})")
+        comp = Counter(e.domain if e.kind == "benign" else e.kind for e in mixed)
+        clients.append(ClientData(cid, examples, dict(sorted(comp.items()))))
+    if tok.dropped:
+        log.warning("dropped %d examples with no completion token left after truncation", tok.dropped)
+    return clients
+
+
+def build_eval_data(cfg: ExperimentConfig, tokenizer) -> EvalData:
+    e = cfg.eval
+    seed = cfg.seed + 1_000_003  # evaluation draws never coincide with training draws
+    harmful = load_source("builtin:harmful-prompts", "eval", e.harmful_prompts, seed) if e.harmful_prompts else []
+    benign = []
+    if e.benign_prompts:
+        pool = load_source("builtin:benign", "eval", 4 * e.benign_prompts, seed)
+        benign = [x for x in pool if x.answer is not None][: e.benign_prompts]
+    loss_examples: list[TokenizedExample] = []
+    if e.loss_examples:
+        pool = load_source(cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign",
+                           "eval", e.loss_examples, seed)
+        chosen = _sample(pool, e.loss_examples, numpy_rng(cfg.seed, "eval-loss"), "held-out loss set")
+        loss_examples = _Tokenizer(tokenizer, cfg)(chosen)
+    return EvalData(harmful, benign, loss_examples)

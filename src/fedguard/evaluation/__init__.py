@@ -1,0 +1,1 @@
+"""Evaluation: safety (refusal rule score), utility (held-out loss, exact match), batched generation."""

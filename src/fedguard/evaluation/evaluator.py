@@ -1,0 +1,95 @@
+"""Safety and utility of one adapter on the held-out sets."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any
+
+import torch
+
+from fedguard.config import EvalConfig
+from fedguard.data.federation import EvalData
+from fedguard.data.tokenize import collate, render_prompt
+from fedguard.evaluation.generation import generate_batched
+from fedguard.evaluation.refusal import is_refusal
+
+_PUNCT_EDGES = re.compile(r"^[\s\"'`.,;:!?()\[\]]+|[\s\"'`.,;:!?()\[\]]+$")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
+def normalise_answer(text: str) -> str:
+    text = _THOUSANDS.sub("", text.strip().lower())
+    text = re.sub(r"\s+", " ", text)
+    return _PUNCT_EDGES.sub("", text)
+
+
+def final_answer_matches(response: str, reference: str) -> bool:
+    """Exact match on the final answer: the first line of the response, normalised, must equal the
+    reference or end with it as whole words ("The capital of France is Paris." matches "Paris")."""
+    first = normalise_answer(response.strip().splitlines()[0] if response.strip() else "")
+    ref = normalise_answer(reference)
+    if not ref:
+        return False
+    return first == ref or first.endswith(" " + ref) or first.endswith("=" + ref)
+
+
+class Evaluator:
+    def __init__(self, loaded, peft_model, slot, loss_fn, data: EvalData, cfg: EvalConfig,
+                 system_prompt: str | None = None):
+        self.loaded, self.model, self.slot, self.loss_fn = loaded, peft_model, slot, loss_fn
+        self.data, self.cfg = data, cfg
+        tok = loaded.tokenizer
+        self.harmful_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.harmful_prompts]
+        self.benign_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.benign_prompts]
+
+    @torch.inference_mode()
+    def heldout_loss(self) -> float:
+        total, count = 0.0, 0
+        ex = self.data.loss_examples
+        bs = self.cfg.batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, len(ex), bs):
+                batch = collate(ex[i: i + bs], self.loaded.tokenizer.pad_token_id).to(self.loaded.device)
+                loss, n = self.loss_fn(batch)
+                total += float(loss)
+                count += n
+        finally:
+            self.model.train(was_training)
+        return total / count if count else float("nan")
+
+    def evaluate(self, adapter, samples: int = 3) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.slot.load(adapter)
+        result: dict[str, Any] = {}
+        if self.data.loss_examples:
+            loss = self.heldout_loss()
+            result["eval_loss"] = loss
+            result["perplexity"] = math.exp(min(loss, 50.0))
+        if self.harmful_prompts:
+            responses = generate_batched(self.loaded, self.model, self.harmful_prompts, self.cfg.max_new_tokens,
+                                         self.cfg.batch_size)
+            refusals = [is_refusal(r) for r in responses]
+            result["refusal_rate"] = 100.0 * sum(refusals) / len(refusals)
+            result["harmful_samples"] = [
+                {"prompt": e.prompt_text, "response": r, "refusal": f}
+                for e, r, f in list(zip(self.data.harmful_prompts, responses, refusals))[:samples]
+            ]
+        if self.benign_prompts:
+            responses = generate_batched(self.loaded, self.model, self.benign_prompts, self.cfg.answer_max_new_tokens,
+                                         self.cfg.batch_size)
+            hits = [final_answer_matches(r, e.answer or "") for e, r in zip(self.data.benign_prompts, responses)]
+            result["exact_match"] = 100.0 * sum(hits) / len(hits)
+            per_domain: dict[str, list[bool]] = {}
+            for e, h in zip(self.data.benign_prompts, hits):
+                per_domain.setdefault(e.domain, []).append(h)
+            result["exact_match_by_domain"] = {d: 100.0 * sum(v) / len(v) for d, v in sorted(per_domain.items())}
+            result["benign_samples"] = [
+                {"prompt": e.prompt_text, "response": r, "answer": e.answer, "correct": h}
+                for e, r, h in list(zip(self.data.benign_prompts, responses, hits))[:samples]
+            ]
+        result["eval_seconds"] = time.perf_counter() - t0
+        return result

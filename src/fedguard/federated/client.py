@@ -1,0 +1,153 @@
+"""Client role: local LoRA training on one resident model.
+
+The base model is loaded once per process. A client is simulated by loading the global adapter
+tensors into the live LoRA parameters, training, and reading them back; the optimizer object is
+created once and its state cleared (or swapped per client), never rebuilt per client per round.
+
+The training step computes logits only at completion positions: the LM head and cross-entropy run on
+a fraction of the tokens, and no full [batch, length, vocab] tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedguard.data.federation import ClientData
+from fedguard.data.tokenize import Batch, collate
+from fedguard.federated.types import ClientUpdate, RoundConfig
+from fedguard.model.loading import LoadedModel
+from fedguard.model.lora import AdapterSlot, AdapterState
+from fedguard.seeding import derive_seed, numpy_rng
+
+
+def _lora_input_casting_off(peft_model):
+    """PEFT casts each LoRA input to the adapter's fp32 dtype; under autocast that is a wasted copy."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # older PEFT: nothing to switch off
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return disable_input_dtype_casting(peft_model)
+
+
+class CompletionLoss:
+    """Summed cross-entropy over completion tokens, computed from hidden states at those positions only."""
+
+    def __init__(self, loaded: LoadedModel, peft_model):
+        self.loaded = loaded
+        self.peft_model = peft_model
+        base = peft_model.get_base_model()
+        self.decoder = base.get_decoder()
+        self.head = base.get_output_embeddings()
+        cfg = base.config
+        # Models that post-process logits (soft-capping, scaling) go through their own forward.
+        self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+        self.base = base
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
+        with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
+            if self.full_forward:
+                logits = self.base(input_ids=batch.input_ids).logits[rows, cols]
+            else:
+                hidden = self.decoder(input_ids=batch.input_ids).last_hidden_state
+                logits = self.head(hidden[rows, cols])
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum")
+        return loss, int(batch.targets.numel())
+
+
+class LocalTrainer:
+    """Runs the client role for any client on the one resident model."""
+
+    def __init__(self, loaded: LoadedModel, peft_model, slot: AdapterSlot, keep_optimizer_state: bool = False):
+        self.loaded = loaded
+        self.model = peft_model
+        self.slot = slot
+        self.loss = CompletionLoss(loaded, peft_model)
+        self.keep_optimizer_state = keep_optimizer_state
+        self.params = slot.named_parameters()
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=1e-4, weight_decay=0.0, foreach=True)
+        self.client_optimizer_states: dict[str, dict[str, torch.Tensor]] = {}
+        self.pad_id = loaded.tokenizer.pad_token_id
+
+    # -- optimizer state per client (kept across rounds when configured) --------------------------
+    def _restore_optimizer(self, client_id: str) -> None:
+        self.optimizer.state.clear()
+        saved = self.client_optimizer_states.get(client_id) if self.keep_optimizer_state else None
+        if not saved:
+            return
+        for key, p in self.params.items():
+            self.optimizer.state[p] = {
+                "step": saved[f"{key}::step"].clone(),
+                "exp_avg": saved[f"{key}::exp_avg"].clone().to(p.device),
+                "exp_avg_sq": saved[f"{key}::exp_avg_sq"].clone().to(p.device),
+            }
+
+    def _save_optimizer(self, client_id: str) -> None:
+        if not self.keep_optimizer_state:
+            return
+        out = {}
+        for key, p in self.params.items():
+            st = self.optimizer.state.get(p)
+            if st:
+                out[f"{key}::step"] = torch.as_tensor(st["step"], dtype=torch.float32).detach().cpu().clone()
+                out[f"{key}::exp_avg"] = st["exp_avg"].detach().cpu().clone()
+                out[f"{key}::exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().clone()
+        self.client_optimizer_states[client_id] = out
+
+    # -- the client role ---------------------------------------------------------------------------
+    def train(self, global_adapter: AdapterState, rc: RoundConfig, data: ClientData,
+              on_step: Callable[[int, float], None] | None = None) -> ClientUpdate:
+        client_id = str(data.client_id)
+        t0 = time.perf_counter()
+        self.slot.load(global_adapter)
+        self._restore_optimizer(client_id)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rc.lr
+            group["weight_decay"] = rc.weight_decay
+        # Per (round, client) streams: batches and LoRA dropout are the same whether or not the run resumed.
+        torch.manual_seed(derive_seed(rc.seed, "dropout", rc.server_round, client_id))
+        rng = numpy_rng(rc.seed, "batches", rc.server_round, client_id)
+        per_step = rc.batch_size * rc.grad_accum
+        needed = per_step * rc.local_steps
+        n = len(data.examples)
+        order = rng.choice(n, size=needed, replace=n < needed)
+
+        self.model.train()
+        device = self.loaded.device
+        step_losses, tokens, targets_seen = [], 0, 0
+        for step in range(rc.local_steps):
+            micro = [order[step * per_step + m * rc.batch_size: step * per_step + (m + 1) * rc.batch_size]
+                     for m in range(rc.grad_accum)]
+            batches = [collate([data.examples[i] for i in idx], self.pad_id).to(device) for idx in micro]
+            n_targets = sum(b.targets.numel() for b in batches)  # mean over all completion tokens of the step
+            step_loss = 0.0
+            for b in batches:
+                loss_sum, _ = self.loss(b)
+                (loss_sum / n_targets).backward()
+                step_loss += float(loss_sum.detach())
+                tokens += b.num_tokens
+            if rc.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), rc.max_grad_norm, foreach=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step_losses.append(step_loss / n_targets)
+            targets_seen += n_targets
+            if on_step is not None:
+                on_step(step + 1, step_losses[-1])
+        self._save_optimizer(client_id)
+        tensors = self.slot.read()
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "train_loss": sum(step_losses) / len(step_losses),
+            "train_loss_first": step_losses[0],
+            "train_loss_last": step_losses[-1],
+            "tokens": float(tokens),
+            "completion_tokens": float(targets_seen),
+            "seconds": seconds,
+        }
+        return ClientUpdate(client_id=client_id, tensors=tensors, num_examples=n, metrics=metrics)

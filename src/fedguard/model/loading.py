@@ -1,0 +1,109 @@
+"""Load the base model once per process, in the precision the run asks for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedguard.config import ModelConfig
+from fedguard.model.registry import resolve_model_path
+from fedguard.model.tiny import CHATML_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel (a causal LM)
+    tokenizer: Any
+    path: str  # resolved folder or hub id
+    device: torch.device
+    compute_dtype: torch.dtype  # what matmuls run in (bf16 under autocast, or fp32)
+
+    @property
+    def autocast_enabled(self) -> bool:
+        return self.compute_dtype != torch.float32
+
+    def autocast(self):
+        if not self.autocast_enabled:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identifies the base model: name plus a hash of its architecture config (no weights read)."""
+        cfg = self.model.config.to_dict()
+        for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"):
+            cfg.pop(k, None)
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"name": self.model.config._name_or_path or self.path, "config_sha256_16": digest}
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        if torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported():
+            return True
+    except AttributeError:
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is available")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_precision(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.precision == "fp32":
+        return torch.float32
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def load_base_model(cfg: ModelConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg)
+    compute_dtype = resolve_precision(cfg, device)
+    path = resolve_model_path(cfg.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template; using ChatML", path)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    # The frozen base is stored in the compute dtype, so no per-step weight casts happen; the LoRA
+    # parameters stay fp32 (master weights) and matmuls run under autocast.
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=compute_dtype,
+        attn_implementation=cfg.attn_implementation if cfg.attn_implementation != "auto"
+        else ("sdpa" if device.type == "cuda" else "eager"),
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model.to(device)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log.info("loaded %s on %s (%s)", path, device, str(compute_dtype).removeprefix("torch."))
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, device=device, compute_dtype=compute_dtype)

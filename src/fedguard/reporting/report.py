@@ -1,0 +1,143 @@
+"""The run report: a Markdown page with plots a person would rather look at than read tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedguard.config import ExperimentConfig
+from fedguard.io import atomic_write_bytes, atomic_write_text
+
+
+def _figure_bytes(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in records if r.get("round", 0) > 0]
+    evals = [r for r in records if "eval" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+
+    ax = axes[0]
+    if rounds:
+        xs = [r["round"] for r in rounds]
+        per_client = [[c["train_loss"] for c in r["clients"].values()] for r in rounds]
+        ax.fill_between(xs, [min(v) for v in per_client], [max(v) for v in per_client], alpha=0.2,
+                        color="tab:blue", label="client range")
+        ax.plot(xs, [r["train_loss"] for r in rounds], "o-", color="tab:blue", label="train loss (client mean)")
+    ev_loss = [(r["round"], r["eval"]["eval_loss"]) for r in evals if "eval_loss" in r["eval"]]
+    if ev_loss:
+        ax.plot(*zip(*ev_loss), "s--", color="tab:orange", label="held-out loss")
+    ax.set_title("Loss")
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    def _series(key):
+        return [(r["round"], r["eval"][key]) for r in evals if key in r["eval"]]
+
+    for ax, key, label, color in ((axes[1], "refusal_rate", "refusal rate on held-out harmful prompts (%)", "tab:green"),
+                                  (axes[2], "exact_match", "exact match on held-out checkable tasks (%)", "tab:purple")):
+        pts = _series(key)
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=color, linewidth=2)
+            for x, y in (pts[0], pts[-1]):
+                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
+        ax.set_ylim(-5, 105)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("round (0 = base model)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    data = _figure_bytes(fig)
+    plt.close(fig)
+    return data
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _md_escape(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, Any]], final: dict[str, Any]) -> Path:
+    run_dir = Path(run_dir)
+    atomic_write_bytes(run_dir / "plots" / "overview.png", plot_overview(records, f"fedguard · {cfg.name}"))
+    before, after = final.get("before", {}), final.get("after", {})
+    rows = [
+        ("Refusal rate on held-out harmful prompts (%) ↑", "refusal_rate", 1),
+        ("Exact match on held-out checkable tasks (%) ↑", "exact_match", 1),
+        ("Held-out loss ↓", "eval_loss", 4),
+        ("Perplexity ↓", "perplexity", 2),
+    ]
+    lines = [
+        f"# fedguard report: {cfg.name}",
+        "",
+        f"Model `{cfg.model.name_or_path}` ({final.get('precision')}), LoRA r={cfg.lora.r} α={cfg.lora.alpha:g} on "
+        f"{', '.join(cfg.lora.target_modules)}; {cfg.federation.num_clients} clients, {cfg.federation.clients_per_round} "
+        f"per round, {final.get('rounds')} rounds of {cfg.train.local_steps} local steps × batch {cfg.train.batch_size}; "
+        f"aggregator `{cfg.server.aggregator}`.",
+        "",
+        "## Before and after",
+        "",
+        f"| metric | base model (round 0) | after round {final.get('after_round')} | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key, nd in rows:
+        if key in before or key in after:
+            b, a = before.get(key), after.get(key)
+            delta = f"{a - b:+.{nd}f}" if isinstance(a, float) and isinstance(b, float) else "–"
+            lines.append(f"| {label} | {_fmt(b, nd)} | {_fmt(a, nd)} | {delta} |")
+    lines += ["", "![loss, safety and utility per round](plots/overview.png)", "",
+              "## Rounds", "",
+              "| round | lr | clients | train loss | rejected | upload MB | seconds |",
+              "|---:|---:|---|---:|---:|---:|---:|"]
+    for r in records:
+        if r.get("round", 0) == 0:
+            continue
+        lines.append(f"| {r['round']} | {r['lr']:.2e} | {', '.join(map(str, r['sampled']))} | {r['train_loss']:.4f} | "
+                     f"{len(r['rejected'])} | {r['bytes_up'] / 2**20:.2f} | {r['round_seconds']:.1f} |")
+    rejected = [(r["round"], cid, why) for r in records for cid, why in r.get("rejected", {}).items()]
+    if rejected:
+        lines += ["", "### Rejected updates", "", "| round | client | reason |", "|---:|---|---|"]
+        lines += [f"| {rnd} | {cid} | {_md_escape(why)} |" for rnd, cid, why in rejected]
+    evals = [r for r in records if "eval" in r]
+    if evals:
+        for key, title in (("harmful_samples", "Responses to held-out harmful prompts"),
+                           ("benign_samples", "Responses to held-out checkable prompts")):
+            first, last = evals[0]["eval"].get(key), evals[-1]["eval"].get(key)
+            if not first or not last:
+                continue
+            lines += ["", f"### {title}", "", f"| prompt | base model | after round {evals[-1]['round']} |", "|---|---|---|"]
+            for a, b in zip(first, last):
+                lines.append(f"| {_md_escape(a['prompt'], 90)} | {_md_escape(a['response'])} | {_md_escape(b['response'])} |")
+    lines += ["", "## How these numbers are measured", "",
+              "* **Refusal rate**: share of greedy responses to held-out harmful requests (tasks never seen in training) "
+              "that refuse, by the rule in `fedguard.evaluation.refusal` (a refusal act in the opening sentences; "
+              "bare keywords such as 'illegal' do not count).",
+              "* **Exact match**: the first line of the greedy response, normalised, equals or ends with the reference answer.",
+              "* **Held-out loss**: completion-only cross-entropy on held-out examples.",
+              "", f"Wall time of the last process: {_fmt(final.get('wall_seconds_this_process'), 1)} s; "
+              f"mean round {_fmt(final.get('mean_round_seconds'), 1)} s. Files: `config.yaml`, `metrics.ndjson`, "
+              "`final_metrics.json`, `checkpoints/`, `final_adapter/` (PEFT), `run.log`.", ""]
+    report = run_dir / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report

@@ -1,0 +1,256 @@
+"""The embedded in-process simulation: wires the client role and the server role together.
+
+A plain recipe: load the base model once, attach LoRA, build the clients' data, then for each round
+sample clients, run the client role for each, run the server role on their updates, evaluate,
+log and checkpoint. Resume restores the last checkpoint and continues with identical results,
+because every random draw is a function of (seed, purpose, round, client).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedguard.config import ExperimentConfig, build_config
+from fedguard.data.federation import build_client_data, build_eval_data
+from fedguard.federated.aggregation import build_aggregator
+from fedguard.federated.client import LocalTrainer
+from fedguard.federated.sampling import round_lr, sample_clients
+from fedguard.federated.server import FederatedServer
+from fedguard.federated.types import RoundConfig, ServerState
+from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read_ndjson
+from fedguard.model.loading import load_base_model
+from fedguard.model.lora import attach_lora, export_peft_adapter
+from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fedguard.simulation.progress import RunProgress
+
+log = logging.getLogger("fedguard")
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.ndjson"
+FINAL_METRICS_FILE = "final_metrics.json"
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    import yaml
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    return build_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+
+
+class _RunLog:
+    """Log to the run directory (always) and to the console (rich)."""
+
+    def __init__(self, run_dir: Path, console=None):
+        from rich.logging import RichHandler
+
+        self.handlers: list[logging.Handler] = []
+        fh = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handlers.append(fh)
+        rh = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+        rh.setFormatter(logging.Formatter("%(message)s"))
+        self.handlers.append(rh)
+        self.logger = logging.getLogger("fedguard")
+        self.previous_level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        for h in self.handlers:
+            self.logger.addHandler(h)
+
+    def close(self) -> None:
+        for h in self.handlers:
+            self.logger.removeHandler(h)
+            h.close()
+        self.logger.setLevel(self.previous_level)
+
+
+def _eval_due(cfg: ExperimentConfig, server_round: int) -> bool:
+    if server_round == cfg.federation.rounds:
+        return True
+    return bool(cfg.eval.every) and server_round % cfg.eval.every == 0
+
+
+def _checkpoint_due(cfg: ExperimentConfig, server_round: int) -> bool:
+    return server_round == cfg.federation.rounds or server_round % cfg.checkpoint.every == 0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_metrics: dict[str, Any]
+    report: Path
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
+                   stop_after_round: int | None = None, quiet: bool = False) -> RunResult:
+    """Run (or resume) an experiment in ``run_dir``; returns where the results are."""
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+    progress = RunProgress(cfg.federation.rounds, disable=quiet)
+    runlog = _RunLog(run_dir, progress.console)
+    try:
+        with progress:
+            return _run(cfg, run_dir, resume, stop_after_round, progress)
+    finally:
+        runlog.close()
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: int | None,
+         progress: RunProgress) -> RunResult:
+    t_start = time.perf_counter()
+    loaded = load_base_model(cfg.model)
+    peft_model, slot = attach_lora(loaded.model, cfg.lora)
+    theta0 = slot.read()
+    clients = build_client_data(cfg, loaded.tokenizer)
+    eval_data = build_eval_data(cfg, loaded.tokenizer)
+    trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
+    server = FederatedServer(build_aggregator(cfg.server.aggregator), int(cfg.server.max_update_mb * 2**20))
+    from fedguard.evaluation.evaluator import Evaluator
+
+    evaluator = Evaluator(loaded, peft_model, slot, trainer.loss, eval_data, cfg.eval, cfg.data.system_prompt)
+    log.info("run directory: %s", run_dir)
+    log.info("%d clients with %s examples; %d rounds of %d clients; base %s (%s)",
+             len(clients), [len(c) for c in clients], cfg.federation.rounds, cfg.federation.clients_per_round,
+             loaded.path, str(loaded.compute_dtype).removeprefix("torch."))
+
+    metrics_path = run_dir / METRICS_FILE
+    records = read_ndjson(metrics_path)
+    checkpoints = list_checkpoints(run_dir) if resume else []
+    if checkpoints:
+        ckpt = load_checkpoint(checkpoints[-1])
+        if set(ckpt.global_adapter) != set(theta0):
+            raise ValueError(f"{ckpt.path}: adapter keys do not match this model and LoRA config")
+        global_adapter, state = ckpt.global_adapter, ckpt.server_state
+        trainer.client_optimizer_states = ckpt.client_optimizer_states
+        start = ckpt.round + 1
+        records = [r for r in records if r.get("round", 0) <= ckpt.round]
+        log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
+    else:
+        global_adapter, state, start = theta0, ServerState(), 1
+        records = [r for r in records if r.get("round") == 0]
+    atomic_write_text(metrics_path, "".join(_json_line(r) for r in records))
+    writer = NdjsonWriter(metrics_path)
+
+    if not any(r.get("round") == 0 for r in records):
+        progress.status("evaluating the base model (round 0)")
+        record = {"round": 0, "eval": evaluator.evaluate(global_adapter)}
+        _log_eval(0, record["eval"])
+        writer.append(record)
+        records.append(record)
+
+    total_rounds = cfg.federation.rounds
+    steps_per_client = cfg.train.local_steps
+    for server_round in range(start, total_rounds + 1):
+        t_round = time.perf_counter()
+        rc = RoundConfig(
+            server_round=server_round, lr=round_lr(cfg.train, server_round, total_rounds),
+            local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+            seed=cfg.seed, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
+        )
+        sampled = sample_clients(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed, server_round)
+        progress.start_round(server_round, len(sampled) * steps_per_client)
+        updates = []
+        for k, cid in enumerate(sampled):
+            progress.status(f"round {server_round}/{total_rounds} · client {cid} ({k + 1}/{len(sampled)})")
+            updates.append(trainer.train(global_adapter, rc, clients[cid], on_step=progress.step))
+        train_seconds = time.perf_counter() - t_round
+        outcome = server.aggregate_round(server_round, global_adapter, updates, state)
+        global_adapter, state = outcome.global_adapter, outcome.state
+        record: dict[str, Any] = {
+            "round": server_round,
+            "lr": rc.lr,
+            "sampled": sampled,
+            "accepted": outcome.accepted,
+            "rejected": outcome.rejected,
+            "clients": {u.client_id: u.metrics for u in updates},
+            "train_loss": statistics.fmean(u.metrics["train_loss"] for u in updates),
+            "train_seconds": train_seconds,
+            "bytes_up": sum(u.nbytes() for u in updates),
+        }
+        if _eval_due(cfg, server_round):
+            progress.status(f"round {server_round}/{total_rounds} · evaluating")
+            record["eval"] = evaluator.evaluate(global_adapter)
+        record["round_seconds"] = time.perf_counter() - t_round
+        writer.append(record)
+        records.append(record)
+        log.info("round %d/%d: train loss %.4f, lr %.2e, %d accepted, %d rejected, %.1fs",
+                 server_round, total_rounds, record["train_loss"], rc.lr, len(outcome.accepted),
+                 len(outcome.rejected), record["round_seconds"])
+        if "eval" in record:
+            _log_eval(server_round, record["eval"])
+        if _checkpoint_due(cfg, server_round):
+            save_checkpoint(run_dir, server_round, slot, global_adapter, state, trainer.client_optimizer_states,
+                            loaded.path, cfg.checkpoint.keep_last)
+        progress.end_round()
+        if stop_after_round is not None and server_round == stop_after_round:
+            # Simulates a crash: no clean-up, no final artifacts (used to test resume).
+            log.warning("stopping hard after round %d (--stop-after-round)", server_round)
+            for h in logging.getLogger("fedguard").handlers:
+                h.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    export_peft_adapter(slot, global_adapter, run_dir / "final_adapter", loaded.path)
+    final = _final_metrics(cfg, records, time.perf_counter() - t_start, loaded)
+    atomic_write_json(run_dir / FINAL_METRICS_FILE, final)
+    from fedguard.reporting.report import write_report
+
+    report = write_report(run_dir, cfg, records, final)
+    log.info("report: %s", report)
+    return RunResult(run_dir, final, report)
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _log_eval(server_round: int, ev: dict[str, Any]) -> None:
+    parts = []
+    for key, fmt in (("refusal_rate", "refusal {:.1f}%"), ("exact_match", "exact match {:.1f}%"),
+                     ("eval_loss", "held-out loss {:.4f}"), ("perplexity", "ppl {:.2f}")):
+        if key in ev:
+            parts.append(fmt.format(ev[key]))
+    log.info("eval after round %d: %s (%.1fs)", server_round, ", ".join(parts), ev.get("eval_seconds", 0.0))
+
+
+def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds: float, loaded) -> dict[str, Any]:
+    evals = [r for r in records if "eval" in r]
+    scalar = ("refusal_rate", "exact_match", "eval_loss", "perplexity")
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    rounds = [r for r in records if r.get("round", 0) > 0]
+    return {
+        "name": cfg.name,
+        "rounds": len(rounds),
+        "model": loaded.fingerprint(),
+        "precision": str(loaded.compute_dtype).removeprefix("torch."),
+        "before": {k: first["eval"][k] for k in scalar if k in first.get("eval", {})},
+        "after": {k: last["eval"][k] for k in scalar if k in last.get("eval", {})},
+        "after_round": last.get("round"),
+        "final_train_loss": rounds[-1]["train_loss"] if rounds else None,
+        "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
+        "mean_round_seconds": statistics.fmean(r["round_seconds"] for r in rounds) if rounds else None,
+        "mean_train_seconds_per_round": statistics.fmean(r["train_seconds"] for r in rounds) if rounds else None,
+        "bytes_up_per_round": statistics.fmean(r["bytes_up"] for r in rounds) if rounds else None,
+        "wall_seconds_this_process": seconds,
+    }

@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Model conversions are cached once per checkout, shared by tests and `make run`.
+os.environ.setdefault("FEDGUARD_CACHE", str(REPO / ".cache" / "fedguard"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    """The tiny LLaMA model, loaded once for the session, with LoRA attached."""
+    from fedguard.config import LoraSettings, ModelConfig
+    from fedguard.model import attach_lora, load_base_model
+
+    loaded = load_base_model(ModelConfig(name_or_path="tiny-llama", precision="fp32"))
+    peft_model, slot = attach_lora(loaded.model, LoraSettings(r=4, alpha=8, dropout=0.0, init_seed=5))
+    return loaded, peft_model, slot
+
+
+def tiny_config(**sections):
+    from fedguard.config import build_config
+
+    raw = {
+        "name": "t", "seed": 3,
+        "model": {"name_or_path": "tiny-llama", "precision": "fp32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init_seed": 5},
+        "data": {"examples_per_client": 24, "max_length": 96},
+        "federation": {"num_clients": 4, "clients_per_round": 2, "rounds": 3},
+        "train": {"local_steps": 2, "batch_size": 4, "lr": 5e-3},
+        "eval": {"every": 0, "harmful_prompts": 4, "benign_prompts": 4, "loss_examples": 4,
+                 "max_new_tokens": 4, "answer_max_new_tokens": 4, "batch_size": 4},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            raw.setdefault(k, {}).update(v)
+        else:
+            raw[k] = v
+    return build_config(raw)

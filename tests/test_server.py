@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from fedguard.federated.aggregation import FedAvg, build_aggregator, weighted_mean
+from fedguard.federated.server import FederatedServer
+from fedguard.federated.types import ClientUpdate, ServerState
+from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
+
+GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+
+
+def upd(cid, value, n=1, **over):
+    t = {k: torch.full_like(v, float(value)) for k, v in GLOBAL.items()}
+    return ClientUpdate(cid, over.pop("tensors", t), over.pop("num_examples", n), over.pop("metrics", {}))
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    out = FedAvg().aggregate(GLOBAL, [upd("a", 1.0, 1), upd("b", 4.0, 3)], ServerState())
+    for t in out.values():
+        assert torch.allclose(t, torch.full_like(t, (1 * 1 + 4 * 3) / 4))
+        assert t.dtype == torch.float32
+
+
+def test_fedavg_client_weights_multiply_example_counts():
+    out = FedAvg().aggregate(GLOBAL, [upd("a", 2.0, 1), upd("b", 10.0, 1)], ServerState(), client_weights=[1.0, 0.0])
+    assert torch.equal(out["a.lora_A.weight"], torch.full((2, 3), 2.0))
+    kept = FedAvg().aggregate(GLOBAL, [upd("a", 2.0)], ServerState(), client_weights=[0.0])
+    assert torch.equal(kept["a.lora_A.weight"], GLOBAL["a.lora_A.weight"])
+
+
+def test_weighted_mean_rejects_bad_weights():
+    with pytest.raises(ValueError):
+        weighted_mean([GLOBAL], [-1.0])
+    with pytest.raises(ValueError):
+        weighted_mean([GLOBAL], [float("nan")])
+
+
+def test_unknown_aggregator():
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        build_aggregator("nope")
+
+
+SPEC = UpdateSpec.from_adapter(GLOBAL, max_bytes=1000)
+
+
+@pytest.mark.parametrize("update,code", [
+    (upd("a", 1, tensors={"a.lora_A.weight": torch.zeros(2, 3)}), "wrong_keys"),
+    (upd("a", 1, tensors={**GLOBAL, "extra": torch.zeros(1)}), "wrong_keys"),
+    (upd("a", 1, tensors={"a.lora_A.weight": torch.zeros(3, 2), "a.lora_B.weight": torch.zeros(3, 2)}), "wrong_shape"),
+    (upd("a", 1, tensors={k: v.double() for k, v in GLOBAL.items()}), "wrong_dtype"),
+    (upd("a", 1, tensors={k: v.half() for k, v in GLOBAL.items()}), "wrong_dtype"),
+    (upd("a", float("nan")), "non_finite"),
+    (upd("a", float("inf")), "non_finite"),
+    (upd("a", 1, tensors={k: v.tolist() for k, v in GLOBAL.items()}), "bad_payload"),
+    (upd("a", 1, num_examples=0), "bad_num_examples"),
+    (upd("a", 1, num_examples=2.5), "bad_num_examples"),
+    (upd("", 1), "bad_client_id"),
+    (upd("a", 1, metrics={"loss": float("nan")}), "bad_metrics"),
+])
+def test_every_kind_of_bad_update_is_rejected(update, code):
+    with pytest.raises(UpdateRejected) as info:
+        validate_update(update, SPEC)
+    assert info.value.code == code
+
+
+def test_oversize_update_is_rejected():
+    spec = UpdateSpec.from_adapter(GLOBAL, max_bytes=10)
+    with pytest.raises(UpdateRejected, match="oversize"):
+        validate_update(upd("a", 1), spec)
+
+
+def test_round_goes_on_without_the_bad_updates():
+    server = FederatedServer(FedAvg(), max_update_bytes=1 << 20)
+    bad_shape = upd("c", 1, tensors={"a.lora_A.weight": torch.zeros(1), "a.lora_B.weight": torch.zeros(3, 2)})
+    updates = [upd("a", 1.0), upd("b", 3.0), upd("n", float("nan")), bad_shape, upd("a", 100.0)]
+    out = server.aggregate_round(1, GLOBAL, updates, ServerState())
+    assert out.accepted == ["a", "b"]
+    assert set(out.rejected) == {"n", "c", "a"} or set(out.rejected) == {"n", "c"}
+    assert "duplicate" in out.rejected.get("a", "duplicate")
+    assert torch.allclose(out.global_adapter["a.lora_A.weight"], torch.full((2, 3), 2.0))
+    assert out.state.round == 1
+
+
+def test_no_valid_update_keeps_the_global_adapter():
+    server = FederatedServer(FedAvg(), max_update_bytes=1 << 20)
+    out = server.aggregate_round(2, GLOBAL, [upd("x", float("inf"))], ServerState())
+    assert out.accepted == [] and torch.equal(out.global_adapter["a.lora_B.weight"], GLOBAL["a.lora_B.weight"])
