@@ -85,3 +85,56 @@ def test_lora_init_depends_only_on_the_seed(tiny_loaded):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert all(float(v.abs().sum()) == 0 for k, v in a.items() if ".lora_B." in k)
+
+
+def test_lora_dropout_is_the_fast_seeded_inverted_dropout():
+    from fedguard.config import LoraSettings, ModelConfig
+    from fedguard.model import attach_lora, load_base_model
+    from fedguard.model.lora import FastDropout
+
+    loaded = load_base_model(ModelConfig(name_or_path="tiny-llama", precision="fp32"))
+    peft_model, _ = attach_lora(loaded.model, LoraSettings(r=2, alpha=4, dropout=0.1))
+    drops = [m for m in peft_model.modules() if isinstance(m, FastDropout)]
+    assert len(drops) == 2 * loaded.model.config.num_hidden_layers  # q_proj and v_proj of every layer
+    d = drops[0].train()
+    x = torch.ones(400, 500)
+    torch.manual_seed(1)
+    a = d(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, d(x))  # seeded like nn.Dropout
+    assert abs(float((a == 0).float().mean()) - 0.1) < 0.005
+    assert abs(float(a.mean()) - 1.0) < 0.01  # inverted scaling keeps the expectation
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_fused_head_loss_gives_the_reference_gradients(tiny_loaded):
+    loaded, peft_model, slot = tiny_loaded
+    tok = loaded.tokenizer
+    slot.load(initial_adapter_state(slot.shapes(), 9))
+    with torch.no_grad():  # a non-zero B so that every LoRA parameter gets a gradient
+        for k, p in slot.named_parameters().items():
+            if ".lora_B." in k:
+                p.normal_(0, 0.1)
+    exs = [tokenize_example(tok, Example(chat(q, a)), 128) for q, a in
+           [("What is 3 + 4?", "3 + 4 = 7"), ("Name a colour.", "Blue is a colour.")]]
+    batch = collate(exs, tok.pad_token_id)
+    peft_model.eval()
+    loss_fn = CompletionLoss(loaded, peft_model)
+    assert loss_fn.fused_head
+    CompletionLoss.CHUNK, chunk = 5, CompletionLoss.CHUNK  # several chunks, one of them partial
+    try:
+        fused, n = loss_fn(batch)
+    finally:
+        CompletionLoss.CHUNK = chunk
+    (fused / n).backward()
+    got = {k: p.grad.clone() for k, p in slot.named_parameters().items()}
+    peft_model.zero_grad(set_to_none=True)
+    labels = torch.full_like(batch.input_ids, -100)
+    for (row, pos), target in zip(batch.target_positions.tolist(), batch.targets.tolist()):
+        labels[row, pos + 1] = target
+    reference = peft_model(input_ids=batch.input_ids, labels=labels).loss
+    reference.backward()
+    assert torch.allclose(fused / n, reference.detach(), atol=1e-5)
+    for k, p in slot.named_parameters().items():
+        assert torch.allclose(got[k], p.grad, rtol=1e-4, atol=1e-6), k
+    peft_model.zero_grad(set_to_none=True)

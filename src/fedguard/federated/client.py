@@ -34,8 +34,45 @@ def _lora_input_casting_off(peft_model):
     return disable_input_dtype_casting(peft_model)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, for a frozen ``weight``.
+
+    The gradient with respect to ``hidden`` is computed during the forward pass, a chunk of rows at a
+    time, so no [positions, vocab] logits tensor (100 MB at 512 positions x 49k vocab in fp32) is
+    ever materialised or kept for backward: logits live only chunk by chunk in fp32, and backward is
+    a single multiply. Numerically this is the usual path: bf16 logits, fp32 log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        grad = torch.empty_like(hidden)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            tgt = targets[start: start + chunk]
+            rows = torch.arange(len(tgt), device=hidden.device)
+            logits = (hidden[start: start + chunk] @ weight.t()).float()
+            picked = logits[rows, tgt]
+            # softmax and log-sum-exp in place: no further [chunk, vocab] allocations
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += (peak + norm.log()).sum() - picked.sum()
+            probs.div_(norm)
+            probs[rows, tgt] -= 1.0
+            grad[start: start + chunk] = probs.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
 class CompletionLoss:
     """Summed cross-entropy over completion tokens, computed from hidden states at those positions only."""
+
+    CHUNK = 64
 
     def __init__(self, loaded: LoadedModel, peft_model):
         self.loaded = loaded
@@ -46,6 +83,9 @@ class CompletionLoss:
         cfg = base.config
         # Models that post-process logits (soft-capping, scaling) go through their own forward.
         self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+        # The fused loss applies to a plain frozen head (not one that carries LoRA or a bias).
+        self.fused_head = (type(self.head) is torch.nn.Linear and self.head.bias is None
+                           and not self.head.weight.requires_grad)
         self.base = base
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -54,8 +94,14 @@ class CompletionLoss:
             if self.full_forward:
                 logits = self.base(input_ids=batch.input_ids).logits[rows, cols]
             else:
-                hidden = self.decoder(input_ids=batch.input_ids).last_hidden_state
-                logits = self.head(hidden[rows, cols])
+                hidden = self.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols]
+                if self.fused_head and torch.is_grad_enabled():
+                    weight = self.head.weight
+                    if hidden.dtype != weight.dtype:
+                        hidden = hidden.to(weight.dtype)
+                    loss = _LinearCrossEntropy.apply(hidden, weight, batch.targets, self.CHUNK)
+                    return loss, int(batch.targets.numel())
+                logits = self.head(hidden)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum")
         return loss, int(batch.targets.numel())
 

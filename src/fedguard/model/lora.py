@@ -42,9 +42,50 @@ def attach_lora(model, settings: LoraSettings):
             peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ValueError(f"lora.target_modules {settings.target_modules}: {exc}") from exc
+    if settings.dropout > 0:
+        _use_fast_dropout(peft_model, settings.dropout)
     slot = AdapterSlot(peft_model)
     slot.load(initial_adapter_state(slot.shapes(), settings.init_seed))
     return peft_model, slot
+
+
+class FastDropout(torch.nn.Module):
+    """Inverted dropout whose mask comes from 16-bit random integers.
+
+    ``nn.Dropout`` on the CPU draws one Bernoulli sample per element, which costs more than the LoRA
+    matmuls it feeds (about 9% of a SmolLM2 training step). Here one 64-bit draw yields four 16-bit
+    uniforms, so the mask costs about a quarter of the draws. The drop probability is ``p`` rounded
+    to a multiple of 1/65536 (0.05 becomes 0.0500031), and the stream comes from torch's seeded
+    generator like ``nn.Dropout``'s.
+    """
+
+    _LO, _HI = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.threshold = round(p * 65536)
+        self.p = self.threshold / 65536
+        self.scale = 1.0 / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        n = x.numel()
+        bits = torch.randint(self._LO, self._HI, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= (-32768 + self.threshold)
+        return x * keep.to(x.dtype).mul_(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.7f}"
+
+
+def _use_fast_dropout(peft_model, p: float) -> None:
+    for module in peft_model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for name, d in drops.items():
+                if isinstance(d, torch.nn.Dropout):
+                    drops[name] = FastDropout(p)
 
 
 def initial_adapter_state(shapes: dict[str, tuple[int, ...]], init_seed: int) -> AdapterState:

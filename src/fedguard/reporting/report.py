@@ -22,6 +22,7 @@ def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r for r in records if r.get("round", 0) > 0]
     evals = [r for r in records if "eval" in r]
@@ -57,6 +58,8 @@ def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("round (0 = base model)")
         ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     data = _figure_bytes(fig)
     plt.close(fig)
