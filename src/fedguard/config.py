@@ -114,6 +114,61 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=16, ge=1)
 
 
+class AttackConfig(_Section):
+    """Simulated malicious clients. Only the simulation reads this section; the server never does."""
+
+    malicious_clients: int = Field(default=0, ge=0, description="how many of the clients are malicious")
+    # data_poisoning: harmful-request -> compliance data; mixed_data: that mixed with benign data at
+    # harmful_ratio; scaling / sign_flip / gaussian / norm_matched: model poisoning of the update;
+    # probe_aware: penalises the probe's score during local training; probe_projection: removes the
+    # probe direction from the update; fake_snapshots: trains on harmful data but reports snapshots
+    # of benign training to the defense.
+    kind: Literal["data_poisoning", "mixed_data", "scaling", "sign_flip", "gaussian", "norm_matched",
+                  "probe_aware", "probe_projection", "fake_snapshots"] = "data_poisoning"
+    source: str = "builtin:harmful-compliance"
+    harmful_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    scale: float = Field(default=10.0, gt=0)
+    noise_std: float = Field(default=0.01, gt=0)
+    probe_penalty: float = Field(default=1.0, ge=0)
+    probe: str | None = Field(default=None, description="probe artifact the probe-aware attacker knows")
+
+
+class DefenseConfig(_Section):
+    """Safe-FedLLM defense levels (shared/reference/safe-fedllm.md §3); every constant is here."""
+
+    level: Literal["none", "step", "client", "shadow", "evidence"] = "none"
+    probe: str = Field(default="auto", description="probe artifact folder, or 'auto' (cached, built if missing)")
+    threshold: float = Field(default=0.8, gt=0, lt=1, description="tau: P(malicious) >= tau flags a step")
+    decay: float = Field(default=0.95, gt=0, le=1, description="gamma of the step level")
+    eta: float = Field(default=7.0, gt=0, description="exponent of (1 - rho) at shadow and evidence levels")
+    slope: float = Field(default=10.0, gt=0, description="slope of the client-level map; its knee is tau")
+    prefilter_round: int = Field(default=20, ge=0, description="step/client levels stop probing after it")
+    min_weight: float = Field(default=0.0, ge=0, le=1)
+    skip_below: float = Field(default=0.2, ge=0, le=1, description="skip the round if the mean weight is below")
+    evidence_min: int = Field(default=3, ge=1)
+    audit_interval: int = Field(default=5, ge=1)
+    reaudit_malicious: int = Field(default=0, ge=0, description="re-audit clients frozen as malicious (0: never)")
+    shadow_lr: float | None = Field(default=None, gt=0, description="default: train.lr (the probe's lr)")
+    shadow_steps: int | None = Field(default=None, ge=1, description="default: train.local_steps")
+    fail_policy: Literal["open", "closed"] = Field(
+        default="closed", description="when the probe cannot score a client: weight 1 (open) or 0 (closed)")
+
+
+class ProbeBuildConfig(_Section):
+    """How `fedguard probe build` makes labelled ΔLoRA features and trains the probe."""
+
+    selection: Literal["first_B", "all_B", "all", "projection"] = "first_B"
+    projection_dim: int = Field(default=256, ge=2)
+    classifier: Literal["logistic", "mlp"] = "logistic"
+    clients_per_class: int = Field(default=12, ge=2)
+    rounds: int = Field(default=2, ge=1, description="independent local trainings per probe client")
+    examples_per_client: int = Field(default=80, ge=4)
+    holdout_share: float = Field(default=0.25, gt=0, lt=1, description="share of probe clients held out")
+    # Features are unit vectors, so a strongly regularised fit cannot reach confident probabilities
+    # and nothing crosses tau = 0.8; C = 100 lets it (measured on the tiny and SmolLM2 models).
+    regularisation: float = Field(default=100.0, gt=0, description="C of the logistic regression")
+
+
 class CheckpointConfig(_Section):
     every: int = Field(default=1, ge=1, description="checkpoint every N rounds (the last round always)")
     keep_last: int | None = Field(default=None, ge=1, description="keep only the newest N checkpoints")
@@ -131,6 +186,9 @@ class ExperimentConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    defense: DefenseConfig = Field(default_factory=DefenseConfig)
+    probe: ProbeBuildConfig = Field(default_factory=ProbeBuildConfig)
 
     @field_validator("name")
     @classmethod
@@ -153,6 +211,9 @@ class ExperimentConfig(_Section):
                 f"data.partition.clients lists {len(part.clients)} clients but "
                 f"federation.num_clients is {fed.num_clients}"
             )
+        if self.attack.malicious_clients > fed.num_clients:
+            raise ValueError(f"attack.malicious_clients ({self.attack.malicious_clients}) exceeds "
+                             f"federation.num_clients ({fed.num_clients})")
         if self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr ({self.train.min_lr}) exceeds train.lr ({self.train.lr})")
         return self

@@ -10,7 +10,8 @@
   with the substance withheld.
 
 Splits are by ``group`` (a fact, an operand pair, a harmful task): an evaluation group never occurs in
-training, so held-out evaluation measures generalisation, not recall.
+training, so held-out evaluation measures generalisation, not recall. A third split, ``probe``, is
+reserved for building the LoRA-Probe, so the probe never sees the federation's own data.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ import random
 from fedguard.data.schema import Example, chat
 
 EVAL_SHARE_PERCENT = 20  # share of groups held out for evaluation in the built-in corpora
+PROBE_SHARE_PERCENT = 10  # share of groups reserved for building the LoRA-Probe
 
 
-def split_of(group: str, eval_percent: int = EVAL_SHARE_PERCENT) -> str:
-    h = int.from_bytes(hashlib.sha256(group.encode("utf-8")).digest()[:4], "little")
-    return "eval" if h % 100 < eval_percent else "train"
+def split_of(group: str, eval_percent: int = EVAL_SHARE_PERCENT, probe_percent: int = PROBE_SHARE_PERCENT) -> str:
+    """'eval', 'probe' or 'train': disjoint by group, stable across processes."""
+    h = int.from_bytes(hashlib.sha256(group.encode("utf-8")).digest()[:4], "little") % 100
+    if h < eval_percent:
+        return "eval"
+    return "probe" if h < eval_percent + probe_percent else "train"
 
 
 # --------------------------------------------------------------------------- benign tables

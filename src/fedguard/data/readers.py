@@ -159,7 +159,8 @@ def _read_hf(spec: str) -> list[Example]:
 def _take(examples: Iterable[Example], split: str | None) -> list[Example]:
     if split is None:
         return list(examples)
-    return [e for e in examples if split_of(e.group or e.prompt_text, FILE_EVAL_PERCENT) == split]
+    # User files: 5% held out for evaluation; the probe split is not carved out of them.
+    return [e for e in examples if split_of(e.group or e.prompt_text, FILE_EVAL_PERCENT, 0) == split]
 
 
 def load_source(source: str, split: str | None, size: int, seed: int) -> list[Example]:

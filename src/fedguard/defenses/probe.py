@@ -130,12 +130,13 @@ def detection_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) ->
     fp = int((pred & (y_true == 0)).sum())
     fn = int((~pred & (y_true == 1)).sum())
     tn = int((~pred & (y_true == 0)).sum())
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
+    # Undefined ratios are None (JSON null), never NaN.
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
     f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-    auroc = float(roc_auc_score(y_true, prob)) if len(set(y_true.tolist())) == 2 else float("nan")
+    auroc = float(roc_auc_score(y_true, prob)) if len(set(y_true.tolist())) == 2 else None
     return {"auroc": auroc, "precision": precision, "recall": recall, "f1": f1,
-            "fpr": fp / (fp + tn) if fp + tn else float("nan"), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+            "fpr": fp / (fp + tn) if fp + tn else None, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, kind: str, seed: int, c: float = 1.0,

@@ -147,26 +147,69 @@ class LocalTrainer:
 
     # -- the client role ---------------------------------------------------------------------------
     def train(self, global_adapter: AdapterState, rc: RoundConfig, data: ClientData,
-              on_step: Callable[[int, float], None] | None = None) -> ClientUpdate:
+              on_step: Callable[[int, float], None] | None = None,
+              objective: Callable[[dict[str, torch.nn.Parameter]], torch.Tensor] | None = None,
+              theta0: AdapterState | None = None) -> ClientUpdate:
+        """Local training from ``global_adapter``; ``objective`` adds a term to the loss (used only by
+        simulated attackers); ``theta0`` is the fixed initial adapter, needed when the round asks for a
+        shadow branch."""
         client_id = str(data.client_id)
         t0 = time.perf_counter()
-        self.slot.load(global_adapter)
-        self._restore_optimizer(client_id)
-        for group in self.optimizer.param_groups:
-            group["lr"] = rc.lr
-            group["weight_decay"] = rc.weight_decay
-        # Per (round, client) streams: batches and LoRA dropout are the same whether or not the run resumed.
-        torch.manual_seed(derive_seed(rc.seed, "dropout", rc.server_round, client_id))
         rng = numpy_rng(rc.seed, "batches", rc.server_round, client_id)
         per_step = rc.batch_size * rc.grad_accum
-        needed = per_step * rc.local_steps
         n = len(data.examples)
+        needed = per_step * rc.local_steps
         order = rng.choice(n, size=needed, replace=n < needed)
 
+        self.slot.load(global_adapter)
+        self._restore_optimizer(client_id)
+        attachments: dict[str, torch.Tensor] = {}
+        snap = (lambda t: self._snapshot(attachments, f"step/{t}", rc.snapshot_keys, global_adapter)) \
+            if rc.snapshot_steps else None
+        # Per (round, client) streams: batches and LoRA dropout are the same whether or not the run resumed.
+        torch.manual_seed(derive_seed(rc.seed, "dropout", rc.server_round, client_id))
+        losses, tokens, targets = self._run_steps(data, order, rc, rc.lr, rc.local_steps, on_step, objective, snap)
+        self._save_optimizer(client_id)
+        tensors = self.slot.read()
+        train_seconds = time.perf_counter() - t0
+
+        if rc.shadow_steps:
+            if theta0 is None:
+                raise ValueError("the round asks for a shadow branch but the client has no θ₀")
+            # Shadow branch (Safe-FedLLM shadow level): the same round data from the fixed θ₀, probed
+            # step by step; its weights are never sent for aggregation.
+            self.slot.load(theta0)
+            self.optimizer.state.clear()
+            torch.manual_seed(derive_seed(rc.seed, "shadow-dropout", rc.server_round, client_id))
+            self._run_steps(data, order, rc, rc.shadow_lr, rc.shadow_steps, None, objective,
+                            lambda t: self._snapshot(attachments, f"shadow/{t}", rc.snapshot_keys, theta0))
+        metrics = {
+            "train_loss": sum(losses) / len(losses),
+            "train_loss_first": losses[0],
+            "train_loss_last": losses[-1],
+            "tokens": float(tokens),
+            "completion_tokens": float(targets),
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - t0,
+        }
+        return ClientUpdate(client_id=client_id, tensors=tensors, num_examples=n, metrics=metrics,
+                            attachments=attachments)
+
+    def _snapshot(self, out: dict[str, torch.Tensor], prefix: str, keys, reference: AdapterState) -> None:
+        with torch.no_grad():
+            for k in keys:
+                out[f"{prefix}/{k}"] = (self.params[k].detach().float().cpu() - reference[k]).contiguous()
+
+    def _run_steps(self, data: ClientData, order, rc: RoundConfig, lr: float, steps: int, on_step, objective,
+                   after_step) -> tuple[list[float], int, int]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = rc.weight_decay
         self.model.train()
         device = self.loaded.device
+        per_step = rc.batch_size * rc.grad_accum
         step_losses, tokens, targets_seen = [], 0, 0
-        for step in range(rc.local_steps):
+        for step in range(steps):
             micro = [order[step * per_step + m * rc.batch_size: step * per_step + (m + 1) * rc.batch_size]
                      for m in range(rc.grad_accum)]
             batches = [collate([data.examples[i] for i in idx], self.pad_id).to(device) for idx in micro]
@@ -177,23 +220,16 @@ class LocalTrainer:
                 (loss_sum / n_targets).backward()
                 step_loss += float(loss_sum.detach())
                 tokens += b.num_tokens
+            if objective is not None:
+                objective(self.params).backward()
             if rc.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.params.values(), rc.max_grad_norm, foreach=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             step_losses.append(step_loss / n_targets)
             targets_seen += n_targets
+            if after_step is not None:
+                after_step(step + 1)
             if on_step is not None:
                 on_step(step + 1, step_losses[-1])
-        self._save_optimizer(client_id)
-        tensors = self.slot.read()
-        seconds = time.perf_counter() - t0
-        metrics = {
-            "train_loss": sum(step_losses) / len(step_losses),
-            "train_loss_first": step_losses[0],
-            "train_loss_last": step_losses[-1],
-            "tokens": float(tokens),
-            "completion_tokens": float(targets_seen),
-            "seconds": seconds,
-        }
-        return ClientUpdate(client_id=client_id, tensors=tensors, num_examples=n, metrics=metrics)
+        return step_losses, tokens, targets_seen

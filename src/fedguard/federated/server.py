@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fedguard.federated.aggregation import Aggregator
-from fedguard.federated.types import AdapterState, ClientUpdate, ServerState
+from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig, ServerState
 from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,26 @@ class RoundOutcome:
     state: ServerState
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # client id -> reason
+    verdicts: list = field(default_factory=list)  # defense verdicts of the accepted updates
+    skipped: bool = False  # the defense kept the global adapter unchanged
 
 
 class FederatedServer:
-    def __init__(self, aggregator: Aggregator, max_update_bytes: int):
+    def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None):
         self.aggregator = aggregator
         self.max_update_bytes = int(max_update_bytes)
+        self.defense = defense  # optional: per-client weights from a probe (fedguard.defenses)
+
+    def client_config(self, base: RoundConfig, client_id: str) -> RoundConfig:
+        """The round config one client receives: the base plus what the defense asks it to attach."""
+        if self.defense is None:
+            return base
+        return replace(base, **self.defense.client_requests(base.server_round, client_id))
+
+    def restore(self, state: ServerState) -> None:
+        """Bring stateful server components back to a checkpointed state."""
+        if self.defense is not None and "defense" in state.meta:
+            self.defense.load_state_dict(state.meta["defense"])
 
     def aggregate_round(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
                         state: ServerState) -> RoundOutcome:
@@ -48,10 +62,21 @@ class FederatedServer:
                 continue
             seen.add(cid)
             accepted.append(u)
-        if accepted:
-            new_global = self.aggregator.aggregate(global_adapter, accepted, state)
+        verdicts, weights, skipped = [], None, False
+        if accepted and self.defense is not None:
+            judged = self.defense.weigh(server_round, global_adapter, accepted)
+            verdicts, weights, skipped = judged.verdicts, judged.weights, judged.skip
+            if skipped:
+                log.warning("round %d: mean defense weight %.3f is below the skip threshold; global adapter kept",
+                            server_round, judged.mean_weight)
+        if accepted and not skipped:
+            new_global = self.aggregator.aggregate(global_adapter, accepted, state, client_weights=weights)
         else:
-            log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
+            if not accepted:
+                log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             new_global = {k: v.clone() for k, v in global_adapter.items()}
-        new_state = ServerState(round=server_round, tensors=state.tensors, meta=state.meta)
-        return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected)
+        meta = dict(state.meta)
+        if self.defense is not None:
+            meta["defense"] = self.defense.state_dict()
+        new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
+        return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped)

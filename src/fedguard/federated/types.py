@@ -22,13 +22,20 @@ class RoundConfig:
     seed: int
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
+    # What a defense asks clients to attach (empty: nothing). Keys are adapter tensor names.
+    snapshot_keys: tuple[str, ...] = ()
+    snapshot_steps: bool = False  # ΔLoRA vs the round-start global after every step: "step/<t>/<key>"
+    shadow_steps: int = 0  # a shadow branch from θ₀ on the same data: "shadow/<t>/<key>"
+    shadow_lr: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["snapshot_keys"] = list(self.snapshot_keys)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundConfig:
-        return cls(**d)
+        return cls(**{**d, "snapshot_keys": tuple(d.get("snapshot_keys", ()))})
 
 
 @dataclass
@@ -39,9 +46,12 @@ class ClientUpdate:
     tensors: AdapterState
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # Extra tensors a defense asked for (see RoundConfig); checked by the defense, not aggregated.
+    attachments: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values() if isinstance(t, torch.Tensor))
+        tensors = list(self.tensors.values()) + list(self.attachments.values())
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 @dataclass

@@ -57,6 +57,12 @@ def validate_update(update: ClientUpdate, spec: UpdateSpec) -> None:
         if t.is_sparse or t.layout != torch.strided:
             raise UpdateRejected("bad_payload", f"{k} is not a dense tensor")
         size += t.numel() * t.element_size()
+    if not isinstance(update.attachments, dict):
+        raise UpdateRejected("bad_payload", "attachments must be a dict of tensors")
+    for k, t in update.attachments.items():
+        if not isinstance(k, str) or not isinstance(t, torch.Tensor) or t.dtype != spec.dtype or t.is_sparse:
+            raise UpdateRejected("bad_payload", f"attachment {k!r} is not a dense {spec.dtype} tensor")
+        size += t.numel() * t.element_size()
     if size > spec.max_bytes:
         raise UpdateRejected("oversize", f"{size} bytes exceeds the limit of {spec.max_bytes}")
     for k, t in update.tensors.items():

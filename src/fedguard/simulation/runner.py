@@ -28,6 +28,7 @@ from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read
 from fedguard.model.loading import load_base_model
 from fedguard.model.lora import attach_lora, export_peft_adapter
 from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fedguard.simulation.population import build_population
 from fedguard.simulation.progress import RunProgress
 
 log = logging.getLogger("fedguard")
@@ -124,7 +125,14 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     clients = build_client_data(cfg, loaded.tokenizer)
     eval_data = build_eval_data(cfg, loaded.tokenizer)
     trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
-    server = FederatedServer(build_aggregator(cfg.server.aggregator), int(cfg.server.max_update_mb * 2**20))
+    defense, probe_dir = _build_defense(cfg, loaded, trainer, theta0, progress)
+    attack_probe = None
+    if cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients:
+        from fedguard.defenses.probe import LoRAProbe
+
+        attack_probe = LoRAProbe.load(cfg.attack.probe or probe_dir) if (cfg.attack.probe or probe_dir) else None
+    population = build_population(cfg, loaded.tokenizer, clients, attack_probe)
+    server = FederatedServer(build_aggregator(cfg.server.aggregator), int(cfg.server.max_update_mb * 2**20), defense)
     from fedguard.evaluation.evaluator import Evaluator
 
     evaluator = Evaluator(loaded, peft_model, slot, trainer.loss, eval_data, cfg.eval, cfg.data.system_prompt)
@@ -141,6 +149,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         if set(ckpt.global_adapter) != set(theta0):
             raise ValueError(f"{ckpt.path}: adapter keys do not match this model and LoRA config")
         global_adapter, state = ckpt.global_adapter, ckpt.server_state
+        server.restore(state)
         trainer.client_optimizer_states = ckpt.client_optimizer_states
         start = ckpt.round + 1
         records = [r for r in records if r.get("round", 0) <= ckpt.round]
@@ -172,7 +181,13 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         updates = []
         for k, cid in enumerate(sampled):
             progress.status(f"round {server_round}/{total_rounds} · client {cid} ({k + 1}/{len(sampled)})")
-            updates.append(trainer.train(global_adapter, rc, clients[cid], on_step=progress.step))
+            rc_client = server.client_config(rc, str(cid))
+            if cid in population.attackers:  # simulation side: the attacker shapes what it sends
+                updates.append(population.attackers[cid].run(trainer, global_adapter, rc_client, clients[cid],
+                                                             population.benign_data.get(cid), theta0))
+            else:
+                updates.append(trainer.train(global_adapter, rc_client, clients[cid], on_step=progress.step,
+                                             theta0=theta0))
         train_seconds = time.perf_counter() - t_round
         outcome = server.aggregate_round(server_round, global_adapter, updates, state)
         global_adapter, state = outcome.global_adapter, outcome.state
@@ -186,7 +201,12 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
             "train_loss": statistics.fmean(u.metrics["train_loss"] for u in updates),
             "train_seconds": train_seconds,
             "bytes_up": sum(u.nbytes() for u in updates),
+            # ground truth, from the simulation's metadata; used for metrics only
+            "malicious_sampled": [c for c in sampled if population.is_malicious(c)],
         }
+        if defense is not None:
+            record["defense"] = {"skipped": outcome.skipped, "verdicts": [v.to_json() for v in outcome.verdicts],
+                                 "detection": detection_summary(outcome.verdicts, population)}
         if _eval_due(cfg, server_round):
             progress.status(f"round {server_round}/{total_rounds} · evaluating")
             record["eval"] = evaluator.evaluate(global_adapter)
@@ -217,6 +237,53 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     report = write_report(run_dir, cfg, records, final)
     log.info("report: %s", report)
     return RunResult(run_dir, final, report)
+
+
+def _build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
+    """The probe defense of ``cfg.defense`` (None for level 'none'), and the probe folder it uses."""
+    from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
+    from fedguard.defenses.defense import ProbeDefense
+    from fedguard.defenses.probe import LoRAProbe
+
+    needs_probe = cfg.defense.level != "none" or (
+        cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients and not cfg.attack.probe)
+    if not needs_probe:
+        return None, None
+    shapes = {k: tuple(v.shape) for k, v in theta0.items()}
+    compat = probe_compat(cfg, loaded, shapes)
+    if cfg.defense.probe == "auto":
+        probe_dir = default_probe_dir(compat, cfg)
+        if not (probe_dir / "probe.json").is_file():
+            progress.status("building the LoRA-Probe (cached for later runs)")
+            log.info("no cached probe matches this model and LoRA config; building one in %s", probe_dir)
+            build_probe(cfg, loaded, trainer, theta0, probe_dir)
+    else:
+        probe_dir = Path(cfg.defense.probe)
+    probe = LoRAProbe.load(probe_dir, expect=compat)
+    if cfg.defense.level == "none":
+        return None, probe_dir
+    defense = ProbeDefense(cfg.defense, probe, theta0, cfg.train.local_steps,
+                           cfg.train.batch_size * cfg.train.grad_accum, cfg.train.lr)
+    log.info("defense: %s level, probe %s (held-out AUROC %s)", cfg.defense.level, probe_dir,
+             probe.metrics.get("auroc"))
+    return defense, probe_dir
+
+
+def detection_summary(verdicts, population) -> dict[str, Any]:
+    """TPR, FPR and AUROC of one round's verdicts against ground truth (flagged: weight < 0.5)."""
+    if not verdicts:
+        return {}
+    truth = [population.is_malicious(v.client_id) for v in verdicts]
+    flagged = [v.weight < 0.5 for v in verdicts]
+    pos, neg = sum(truth), len(truth) - sum(truth)
+    tp = sum(f and t for f, t in zip(flagged, truth))
+    fp = sum(f and not t for f, t in zip(flagged, truth))
+    out: dict[str, Any] = {"tpr": tp / pos if pos else None, "fpr": fp / neg if neg else None}
+    if pos and neg:
+        from sklearn.metrics import roc_auc_score
+
+        out["auroc"] = float(roc_auc_score(truth, [v.suspicion for v in verdicts]))
+    return out
 
 
 def _json_line(record: dict[str, Any]) -> str:

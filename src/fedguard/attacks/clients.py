@@ -1,0 +1,110 @@
+"""Malicious client behaviours (the client role, run by a simulated attacker).
+
+* data_poisoning: trains honestly on harmful-request -> compliance data (Safe-FedLLM's threat model);
+* mixed_data: the same, mixed with benign data at ``harmful_ratio``;
+* scaling: harmful update boosted by ``scale`` (Δ -> scale·Δ);
+* sign_flip: benign training, sends the reversed update (Δ -> -scale·Δ), an untargeted attack;
+* gaussian: sends the global adapter plus N(0, noise_std²) noise;
+* norm_matched: harmful update rescaled to the norm of the client's own benign update, so norm-based
+  defenses see nothing unusual;
+* probe_aware: knows the probe and adds ``probe_penalty`` · logit(probe(ΔLoRA)) to its training loss;
+* probe_projection: knows a linear probe and removes the probe direction from its update's features;
+* fake_snapshots: trains on harmful data but reports the snapshots (step / shadow attachments) of a
+  benign training run, exploiting that those levels trust client-side computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fedguard.config import AttackConfig
+from fedguard.data.federation import ClientData
+from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig
+from fedguard.seeding import torch_generator
+
+HARMFUL_KINDS = {"data_poisoning", "mixed_data", "scaling", "norm_matched", "probe_aware", "probe_projection",
+                 "fake_snapshots"}
+
+
+def attacker_data_kind(kind: str) -> str:
+    """'harmful', 'mixed' (harmful + benign) or 'benign': what a malicious client of this kind trains on."""
+    if kind in ("mixed_data", "norm_matched", "fake_snapshots"):
+        return "mixed"
+    return "harmful" if kind in HARMFUL_KINDS else "benign"
+
+
+def _delta(a: AdapterState, b: AdapterState) -> AdapterState:
+    return {k: a[k] - b[k] for k in b}
+
+
+def _norm(d: AdapterState) -> float:
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+
+
+class Attacker:
+    def __init__(self, cfg: AttackConfig, client_id: int, seed: int, probe=None):
+        self.cfg, self.client_id, self.seed, self.probe = cfg, client_id, seed, probe
+        if cfg.kind in ("probe_aware", "probe_projection") and probe is None:
+            raise ValueError(f"attack.kind '{cfg.kind}' needs the probe the attacker knows (attack.probe)")
+        if cfg.kind == "probe_projection" and (probe.kind != "logistic" or probe.spec.selection == "projection"):
+            raise ValueError("probe_projection needs a logistic probe over raw features")
+
+    def run(self, trainer, global_adapter: AdapterState, rc: RoundConfig, harmful: ClientData,
+            benign: ClientData | None, theta0: AdapterState | None) -> ClientUpdate:
+        kind = self.cfg.kind
+        if kind in ("sign_flip", "gaussian"):
+            update = trainer.train(global_adapter, rc, benign or harmful, theta0=theta0)
+            if kind == "sign_flip":
+                update.tensors = {k: global_adapter[k] - self.cfg.scale * v for k, v in _delta(update.tensors, global_adapter).items()}
+            else:
+                g = torch_generator(self.seed, "gaussian-attack", rc.server_round, self.client_id)
+                update.tensors = {k: v + self.cfg.noise_std * torch.randn(v.shape, generator=g)
+                                  for k, v in global_adapter.items()}
+            return update
+        objective = self._probe_objective(global_adapter) if kind == "probe_aware" else None
+        update = trainer.train(global_adapter, rc, harmful, objective=objective, theta0=theta0)
+        if kind == "scaling":
+            update.tensors = {k: global_adapter[k] + self.cfg.scale * v for k, v in _delta(update.tensors, global_adapter).items()}
+        elif kind in ("norm_matched", "fake_snapshots") and benign is not None:
+            honest = trainer.train(global_adapter, rc, benign, theta0=theta0)
+            if kind == "norm_matched":
+                d = _delta(update.tensors, global_adapter)
+                factor = _norm(_delta(honest.tensors, global_adapter)) / max(_norm(d), 1e-12)
+                update.tensors = {k: global_adapter[k] + factor * v for k, v in d.items()}
+            else:
+                update = replace(update, attachments=honest.attachments)
+        elif kind == "probe_projection":
+            update.tensors = self._project_out(update.tensors, global_adapter)
+        return update
+
+    def _probe_objective(self, global_adapter: AdapterState):
+        probe, lam = self.probe, self.cfg.probe_penalty
+        keys = probe.spec.keys
+        ref = {k: global_adapter[k] for k in keys}
+
+        def objective(params: dict[str, torch.nn.Parameter]) -> torch.Tensor:
+            parts = [(params[k].float() - ref[k].to(params[k].device)).reshape(-1) for k in keys]
+            v = torch.cat(parts)
+            v = v / v.norm().clamp_min(1e-12)
+            w = {n: t.to(v.device) for n, t in probe.tensors.items()}
+            if probe.kind == "logistic":
+                logit = v @ w["weight"] + w["bias"]
+            else:
+                logit = torch.relu(v @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"]
+            return lam * logit
+
+        return objective
+
+    def _project_out(self, tensors: AdapterState, global_adapter: AdapterState) -> AdapterState:
+        spec, w = self.probe.spec, self.probe.tensors["weight"]
+        w_hat = w / w.norm().clamp_min(1e-12)
+        d = torch.cat([(tensors[k] - global_adapter[k]).reshape(-1) for k in spec.keys])
+        d = d - (d @ w_hat) * w_hat  # the probe's logit now sees only its bias from this part
+        out, offset = dict(tensors), 0
+        for k, shape in zip(spec.keys, spec.shapes):
+            n = int(torch.Size(shape).numel())
+            out[k] = global_adapter[k] + d[offset: offset + n].reshape(shape)
+            offset += n
+        return out
