@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", default=None, help="experiment YAML (omit for the defaults)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    probe = sub.add_parser("probe", help="LoRA-Probe commands (build)")
+    probe_sub = probe.add_subparsers(dest="probe_command", metavar="PROBE_COMMAND")
+    pb = probe_sub.add_parser("build", help="train the LoRA-Probe for a run config (same model, LoRA, A-seed, lr)",
+                              description="Generate labelled ΔLoRA features by local training from θ₀ on the built-in "
+                                          "probe split (benign vs harmful), train the probe, report held-out "
+                                          "AUROC / precision / recall / F1 / FPR, and save the artifact.")
+    pb.add_argument("config")
+    pb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pb.add_argument("--out", type=Path, default=None, help="artifact folder (default: the cache, keyed by config)")
+    pb.add_argument("--compare-selections", action="store_true",
+                    help="also report held-out detection for every feature selection on the same snapshots")
+
     prep = sub.add_parser("prepare-model", help="convert the embedded model to a cached safetensors folder")
     prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     return p
@@ -92,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show-config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
             return 0
+        if args.command == "probe":
+            if args.probe_command != "build":
+                parser.parse_args(["probe", "--help"])
+            return _probe_build(load_config(args.config, args.overrides), args.out, args.compare_selections)
         if args.command == "prepare-model":
             from fedguard.model.registry import resolve_model_path
 
@@ -110,6 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _probe_build(cfg, out: Path | None, compare: bool) -> int:
+    import logging
+
+    from rich.logging import RichHandler
+
+    from fedguard.defenses.build import build_probe
+    from fedguard.federated.client import LocalTrainer
+    from fedguard.model import attach_lora, load_base_model
+
+    logger = logging.getLogger("fedguard")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(RichHandler(show_path=False))
+    loaded = load_base_model(cfg.model)
+    peft_model, slot = attach_lora(loaded.model, cfg.lora)
+    theta0 = slot.read()
+    probe, path, comparison = build_probe(cfg, loaded, LocalTrainer(loaded, peft_model, slot), theta0, out, compare)
+    m = probe.metrics
+    print(f"probe: {path}")
+    print(f"held-out ({m['samples']['heldout']} step samples of unseen probe clients): "
+          + ", ".join(f"{k} {m[k]:.4f}" if m[k] is not None else f"{k} n/a"
+                      for k in ("auroc", "precision", "recall", "f1", "fpr"))
+          + f"; benign-client FPR {m['benign_client_fpr']}")
+    for sel, r in comparison.items():
+        print(f"  selection {sel:<11} dim {r['dim']:>7}  AUROC {r['auroc']:.4f}  recall {r['recall']}  fpr {r['fpr']}")
+    return 0
 
 
 if __name__ == "__main__":

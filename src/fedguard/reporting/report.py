@@ -66,6 +66,64 @@ def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
     return data
 
 
+def plot_defense(records: list[dict[str, Any]], title: str) -> bytes | None:
+    """Each client's defense weight per round; malicious clients (ground truth) in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = [r for r in records if "defense" in r]
+    if not rounds:
+        return None
+    malicious = {str(c) for r in rounds for c in r.get("malicious_sampled", [])}
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rounds:
+        for v in r["defense"]["verdicts"]:
+            series.setdefault(v["client_id"], []).append((r["round"], v["weight"]))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for cid, pts in sorted(series.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]):
+        bad = cid in malicious
+        ax.plot(*zip(*pts), "o-" if bad else ".-", color="tab:red" if bad else "tab:blue", alpha=0.9 if bad else 0.5,
+                label="malicious client" if bad else "benign client")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("round")
+    ax.set_ylabel("aggregation weight")
+    ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    data = _figure_bytes(fig)
+    plt.close(fig)
+    return data
+
+
+def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
+    rounds = [r for r in records if "defense" in r]
+    if not rounds:
+        return []
+    lines = ["", f"## Defense: {cfg.defense.level} level", "",
+             f"Probe threshold τ = {cfg.defense.threshold}, fail policy `{cfg.defense.fail_policy}`; "
+             f"{cfg.attack.malicious_clients} malicious client(s), attack `{cfg.attack.kind}` (ground truth, used "
+             "only for the detection columns).", "",
+             "![defense weights per round](plots/defense.png)", "",
+             "| round | skipped | TPR | FPR | AUROC | client: weight (probe P) — ⚠ = malicious |", "|---:|---|---:|---:|---:|---|"]
+    for r in rounds:
+        d = r["defense"]
+        det = d.get("detection", {})
+        bad = {str(c) for c in r.get("malicious_sampled", [])}
+        cells = []
+        for v in d["verdicts"]:
+            p = f"{v['score']:.2f}" if v.get("score") is not None else v.get("status", "")
+            cells.append(f"{'⚠' if v['client_id'] in bad else ''}{v['client_id']}: {v['weight']:.2f} ({p})")
+        lines.append(f"| {r['round']} | {'yes' if d['skipped'] else 'no'} | {_fmt(det.get('tpr'))} | "
+                     f"{_fmt(det.get('fpr'))} | {_fmt(det.get('auroc'))} | {'; '.join(cells)} |")
+    return lines
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "–"
@@ -122,6 +180,10 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
     if rejected:
         lines += ["", "### Rejected updates", "", "| round | client | reason |", "|---:|---|---|"]
         lines += [f"| {rnd} | {cid} | {_md_escape(why)} |" for rnd, cid, why in rejected]
+    defense_png = plot_defense(records, f"{cfg.name}: {cfg.defense.level}-level defense weights")
+    if defense_png is not None:
+        atomic_write_bytes(run_dir / "plots" / "defense.png", defense_png)
+    lines += _defense_section(cfg, records)
     evals = [r for r in records if "eval" in r]
     if evals:
         for key, title in (("harmful_samples", "Responses to held-out harmful prompts"),
