@@ -62,5 +62,5 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("run", "resume", "report", "show-config", "prepare-model"):
+    for cmd in ("run", "resume", "report", "show-config", "prepare-model", "sweep", "probe"):
         assert cmd in out

@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", default=None, help="experiment YAML (omit for the defaults)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    sw = sub.add_parser("sweep", help="benign:malicious ratios x defense levels, one comparison report",
+                        description="Run one config over a grid of benign:malicious ratios and defense levels; "
+                                    "writes every run plus sweep.md (table + plots). Finished cells are reused.")
+    sw.add_argument("config")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--ratios", default="10:0,8:2,5:5,3:7", help="comma-separated BENIGN:MALICIOUS ratios")
+    sw.add_argument("--levels", default="none,step,client,shadow,evidence", help="comma-separated defense levels")
+    sw.add_argument("--out", type=Path, default=None, help="sweep folder (default: OUTPUT_DIR/NAME-sweep)")
+    sw.add_argument("--quiet", action="store_true")
+
     probe = sub.add_parser("probe", help="LoRA-Probe commands (build)")
     probe_sub = probe.add_subparsers(dest="probe_command", metavar="PROBE_COMMAND")
     pb = probe_sub.add_parser("build", help="train the LoRA-Probe for a run config (same model, LoRA, A-seed, lr)",
@@ -104,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show-config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
             return 0
+        if args.command == "sweep":
+            from fedguard.simulation.sweep import run_sweep
+
+            cfg = load_config(args.config, args.overrides)
+            levels = [x.strip() for x in args.levels.split(",") if x.strip()]
+            bad = [lv for lv in levels if lv not in ("none", "step", "client", "shadow", "evidence")]
+            if bad:
+                raise ConfigError(f"--levels: unknown defense level(s) {bad}")
+            out = args.out or Path(cfg.output_dir) / f"{cfg.name}-sweep"
+            ratios = [x.strip() for x in args.ratios.split(",") if x.strip()]
+            print(f"sweep report: {run_sweep(cfg, ratios, levels, out, quiet=args.quiet)}")
+            return 0
         if args.command == "probe":
             if args.probe_command != "build":
                 parser.parse_args(["probe", "--help"])
@@ -120,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         from fedguard.data.schema import DataError
         from fedguard.model.registry import ModelNotFoundError
 
-        if isinstance(exc, (DataError, ModelNotFoundError)):
+        from fedguard.defenses.probe import ProbeMismatch
+
+        if isinstance(exc, (DataError, ModelNotFoundError, ProbeMismatch)):
             print(f"fedguard: {exc}", file=sys.stderr)
             return 2
         raise
