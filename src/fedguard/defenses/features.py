@@ -4,8 +4,10 @@ Selections (``shared/reference/safe-fedllm.md`` §2.1):
 * ``first_B``: the paper's choice, the lora_B tensors of the lowest-numbered layer (q and v by default);
 * ``all_B``: every lora_B tensor;
 * ``all``: every LoRA tensor, A and B;
-* ``projection``: every LoRA tensor, L2-normalised, then a seeded Gaussian random projection to
-  ``projection_dim`` dimensions (Johnson-Lindenstrauss: distances survive, the probe stays small).
+* ``projection``: every LoRA tensor, L2-normalised, then a seeded very sparse random projection
+  (Li, Hastie & Church 2006: entries ±sqrt(s/k) with probability 1/(2s) each, s = sqrt(D)) to
+  ``projection_dim`` = k dimensions. Johnson-Lindenstrauss: angles survive, the probe stays small,
+  and the projection costs a sparse product with about D·k/s non-zeros.
 
 Keys are sorted, tensors flattened row-major and concatenated, and the vector is L2-normalised.
 Unlike the official code, a missing key or a wrong shape is an error, never silent zero-padding.
@@ -14,6 +16,7 @@ Unlike the official code, a missing key or a wrong shape is an error, never sile
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,16 +82,8 @@ class FeatureSpec:
             v = v / max(float(v.norm()), 1e-12)
         return v
 
-    def _project(self, v: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-        # The projection matrix is regenerated chunk by chunk from its seed instead of being stored:
-        # at SmolLM2's 460,800 LoRA values and 256 dims it would be 470 MB.
-        g = torch.Generator().manual_seed(self.projection_seed)
-        out = torch.zeros(self.projection_dim)
-        for start in range(0, v.numel(), chunk):
-            part = v[start: start + chunk]
-            r = torch.randn(self.projection_dim, part.numel(), generator=g)
-            out += r @ part
-        return out / self.projection_dim**0.5
+    def _project(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(_sparse_projection(self.projection_seed, v.numel(), self.projection_dim), v[:, None])[:, 0]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,6 +94,18 @@ class FeatureSpec:
     def from_json(cls, d: dict[str, Any]) -> FeatureSpec:
         return cls(d["selection"], tuple(d["keys"]), tuple(tuple(s) for s in d["shapes"]),
                    int(d.get("projection_dim", 0)), int(d.get("projection_seed", 0)))
+
+
+@lru_cache(maxsize=4)
+def _sparse_projection(seed: int, d: int, k: int) -> torch.Tensor:
+    """The [k, d] very sparse random projection matrix for ``seed`` (built once, cached)."""
+    s = max(1.0, d**0.5)
+    nnz = max(k, int(round(d * k / s)))
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, k, (nnz,), generator=g)
+    cols = torch.randint(0, d, (nnz,), generator=g)
+    signs = torch.randint(0, 2, (nnz,), generator=g).float().mul_(2).sub_(1).mul_((s / k) ** 0.5)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), signs, (k, d), check_invariants=True).coalesce()
 
 
 def adapter_delta(current: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
