@@ -136,6 +136,9 @@ def train_probe(cfg: ExperimentConfig, ds: ProbeDataset, shapes, compat: dict[st
     metrics = detection_metrics(ds.labels[held], prob, cfg.defense.threshold)
     last = ds.steps[held] == ds.steps.max()
     metrics["last_step"] = detection_metrics(ds.labels[held][last], prob[last], cfg.defense.threshold)
+    # Detection at each local step: how many shadow steps a cheaper shadow level needs.
+    metrics["by_step"] = {int(t): detection_metrics(ds.labels[held][ds.steps[held] == t], prob[ds.steps[held] == t],
+                                                    cfg.defense.threshold) for t in sorted(set(ds.steps.tolist()))}
     benign_clients = sorted(set(ds.clients[held & (ds.labels == 0)].tolist()))
     flagged = [c for c in benign_clients if (prob[(ds.clients[held] == c)] >= cfg.defense.threshold).mean() > 0.5]
     metrics["benign_client_fpr"] = len(flagged) / len(benign_clients) if benign_clients else None
