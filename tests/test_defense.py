@@ -3,6 +3,7 @@ attacks, and the separation of the server's view from ground truth."""
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_probe_artifact_round_trip_and_mismatch_refusal(shadow_run, tmp_path):
     from fedguard.defenses.build import default_probe_dir
 
     cfg, result = shadow_run
-    probe_dirs = list((Path(__import__("os").environ["FEDGUARD_CACHE"]) / "probes").iterdir())
+    probe_dirs = list((Path(os.environ["FEDGUARD_CACHE"]) / "probes").iterdir())
     probe = LoRAProbe.load(next(d for d in probe_dirs if (d / "probe.json").is_file()))
     assert probe.metrics["auroc"] > 0.95 and probe.spec.selection == "first_B"
     copy = probe.save(tmp_path / "p")

@@ -78,8 +78,8 @@ def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
             pool = load_source(spec.source, "train", n_main, cfg.seed + cid)
             per_client.append(_sample(pool, n_main, rng, spec.source))
     else:
-        n_main, _ = _split_counts(d.examples_per_client, d.refusal_share)
-        wanted = [(n_main, _split_counts(d.examples_per_client, d.refusal_share)[1])] * n_clients
+        n_main, n_ref = _split_counts(d.examples_per_client, d.refusal_share)
+        wanted = [(n_main, n_ref)] * n_clients
         pool = load_source(d.source, "train", n_main * n_clients, cfg.seed)
         pool = _sample(pool, n_main * n_clients, rng, d.source)
         if d.partition.method == "iid":

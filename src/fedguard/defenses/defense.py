@@ -136,8 +136,9 @@ class ProbeDefense:
                     rho = sum(p >= tau for p in probs) / len(probs)
                     v = Verdict(cid, shadow_weight(rho, self.cfg.eta), probs, probs[-1], rho)
                 else:  # evidence
-                    shadowed = any(k.startswith("shadow/") for k in u.attachments) or self.evidence_level.needs_shadow(cid)
-                    if shadowed:
+                    # Whether this client was asked for a shadow run (state is unchanged since the request);
+                    # unsolicited attachments are ignored.
+                    if self.evidence_level.needs_shadow(cid):
                         probs = self._probabilities(u, "shadow", self.shadow_steps, None)
                         rho = sum(p >= tau for p in probs) / len(probs)
                         v = Verdict(cid, self.evidence_level.weight(cid, rho, probs[-1]), probs, probs[-1], rho)
