@@ -10,7 +10,6 @@ held for aggregation and the optimizer. Clients cost adapters, not model copies.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -1,6 +1,6 @@
 """Simulated attacks. They live on the simulation side only and shape nothing but what a malicious
 client sends: its data, its update, its attachments. No server code imports this package."""
 
-from fedguard.attacks.clients import Attacker, attacker_data_kind
+from fedguard.attacks.clients import Attacker
 
-__all__ = ["Attacker", "attacker_data_kind"]
+__all__ = ["Attacker"]

@@ -24,17 +24,6 @@ from fedguard.data.federation import ClientData
 from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig
 from fedguard.seeding import torch_generator
 
-HARMFUL_KINDS = {"data_poisoning", "mixed_data", "scaling", "norm_matched", "probe_aware", "probe_projection",
-                 "fake_snapshots"}
-
-
-def attacker_data_kind(kind: str) -> str:
-    """'harmful', 'mixed' (harmful + benign) or 'benign': what a malicious client of this kind trains on."""
-    if kind in ("mixed_data", "norm_matched", "fake_snapshots"):
-        return "mixed"
-    return "harmful" if kind in HARMFUL_KINDS else "benign"
-
-
 def _delta(a: AdapterState, b: AdapterState) -> AdapterState:
     return {k: a[k] - b[k] for k in b}
 

@@ -37,7 +37,7 @@ class EvalData:
     loss_examples: list[TokenizedExample]
 
 
-def _sample(examples: list[Example], n: int, rng: np.random.Generator, what: str) -> list[Example]:
+def sample_examples(examples: list[Example], n: int, rng: np.random.Generator, what: str) -> list[Example]:
     if len(examples) >= n:
         return [examples[i] for i in sorted(rng.choice(len(examples), size=n, replace=False).tolist())]
     log.warning("%s has %d examples, fewer than the %d asked for; using all of them", what, len(examples), n)
@@ -49,7 +49,10 @@ def _split_counts(n: int, share: float) -> tuple[int, int]:
     return n - refusals, refusals
 
 
-class _Tokenizer:
+class DataTokenizer:
+    """Tokenises examples with the run's data settings, dropping (and counting) those whose
+    completion does not survive truncation."""
+
     def __init__(self, tokenizer, cfg: ExperimentConfig):
         self.tok, self.d = tokenizer, cfg.data
         self.dropped = 0
@@ -68,7 +71,7 @@ class _Tokenizer:
 def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
     d, n_clients = cfg.data, cfg.federation.num_clients
     rng = numpy_rng(cfg.seed, "partition")
-    tok = _Tokenizer(tokenizer, cfg)
+    tok = DataTokenizer(tokenizer, cfg)
     if d.partition.method == "explicit":
         specs = d.partition.clients or []
         wanted = [_split_counts(s.examples or d.examples_per_client,
@@ -76,12 +79,12 @@ def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
         per_client = []
         for cid, (spec, (n_main, _)) in enumerate(zip(specs, wanted)):
             pool = load_source(spec.source, "train", n_main, cfg.seed + cid)
-            per_client.append(_sample(pool, n_main, rng, spec.source))
+            per_client.append(sample_examples(pool, n_main, rng, spec.source))
     else:
         n_main, n_ref = _split_counts(d.examples_per_client, d.refusal_share)
         wanted = [(n_main, n_ref)] * n_clients
         pool = load_source(d.source, "train", n_main * n_clients, cfg.seed)
-        pool = _sample(pool, n_main * n_clients, rng, d.source)
+        pool = sample_examples(pool, n_main * n_clients, rng, d.source)
         if d.partition.method == "iid":
             parts = partition_iid(len(pool), n_clients, rng)
         else:
@@ -118,6 +121,6 @@ def build_eval_data(cfg: ExperimentConfig, tokenizer) -> EvalData:
     if e.loss_examples:
         pool = load_source(cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign",
                            "eval", e.loss_examples, seed)
-        chosen = _sample(pool, e.loss_examples, numpy_rng(cfg.seed, "eval-loss"), "held-out loss set")
-        loss_examples = _Tokenizer(tokenizer, cfg)(chosen)
+        chosen = sample_examples(pool, e.loss_examples, numpy_rng(cfg.seed, "eval-loss"), "held-out loss set")
+        loss_examples = DataTokenizer(tokenizer, cfg)(chosen)
     return EvalData(harmful, benign, loss_examples)

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from fedguard.config import ExperimentConfig
-from fedguard.data.federation import ClientData
+from fedguard.data.federation import ClientData, DataTokenizer
 from fedguard.data.readers import load_source
-from fedguard.data.tokenize import tokenize_example
 from fedguard.defenses.features import SELECTIONS, FeatureSpec
 from fedguard.defenses.probe import LoRAProbe, compat_stamp, detection_metrics, fit_probe
 from fedguard.federated.types import RoundConfig
@@ -61,10 +60,7 @@ def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[tuple[ClientData, i
     refusals = load_source("builtin:harmful-refusal", "probe", p.clients_per_class * max(n_ref, 1), seed)
     harmful = load_source(cfg.attack.source, "probe", total, seed)
 
-    def tok(exs):
-        out = [tokenize_example(tokenizer, e, d.max_length, d.truncation, d.system_prompt) for e in exs]
-        return [t for t in out if t is not None]
-
+    tok = DataTokenizer(tokenizer, cfg)
     clients = []
     for i in range(p.clients_per_class):
         own = benign[i * p.examples_per_client: (i + 1) * p.examples_per_client - n_ref]

@@ -97,9 +97,10 @@ class ProbeDefense:
                         raise FeatureError(f"missing attachment {name}")
                     d[k] = update.attachments[name]
                 deltas.append(d)
-        extra = set(update.attachments) - {f"{prefix}/{t}/{k}" for t in range(1, steps + 1) for k in keys}
-        if reference is None and extra:
-            raise FeatureError(f"unexpected attachments, e.g. {sorted(extra)[0]}")
+        if reference is None:
+            extra = set(update.attachments) - {f"{prefix}/{t}/{k}" for t in range(1, steps + 1) for k in keys}
+            if extra:
+                raise FeatureError(f"unexpected attachments, e.g. {sorted(extra)[0]}")
         for d in deltas:
             for k, v in d.items():
                 if not isinstance(v, torch.Tensor) or not bool(torch.isfinite(v).all()):

@@ -8,16 +8,14 @@ from dataclasses import dataclass, field
 
 from fedguard.attacks import Attacker
 from fedguard.config import ExperimentConfig
-from fedguard.data.federation import ClientData
+from fedguard.data.federation import ClientData, DataTokenizer, sample_examples
 from fedguard.data.readers import load_source
-from fedguard.data.tokenize import tokenize_example
 from fedguard.seeding import numpy_rng
 
 
 @dataclass
 class Population:
-    malicious: list[int] = field(default_factory=list)
-    attackers: dict[int, Attacker] = field(default_factory=dict)
+    attackers: dict[int, Attacker] = field(default_factory=dict)  # keyed by the malicious client ids
     benign_data: dict[int, ClientData] = field(default_factory=dict)  # a malicious client's benign data
 
     def is_malicious(self, client_id: int | str) -> bool:
@@ -32,9 +30,10 @@ def choose_malicious(num_clients: int, count: int, seed: int) -> list[int]:
 
 def build_population(cfg: ExperimentConfig, tokenizer, clients: list[ClientData], attack_probe=None) -> Population:
     """Turn ``attack.malicious_clients`` of ``clients`` into attackers (their data is replaced in place)."""
-    a, d = cfg.attack, cfg.data
-    pop = Population(malicious=choose_malicious(len(clients), a.malicious_clients, cfg.seed))
-    for cid in pop.malicious:
+    a = cfg.attack
+    tok = DataTokenizer(tokenizer, cfg)
+    pop = Population()
+    for cid in choose_malicious(len(clients), a.malicious_clients, cfg.seed):
         pop.attackers[cid] = Attacker(a, cid, cfg.seed, attack_probe)
         original = clients[cid]
         pop.benign_data[cid] = original
@@ -42,12 +41,11 @@ def build_population(cfg: ExperimentConfig, tokenizer, clients: list[ClientData]
             continue  # untargeted attacks train on the client's own benign data
         n = len(original)
         n_harm = max(1, int(round(n * a.harmful_ratio)))
-        harmful = load_source(a.source, "train", n_harm, cfg.seed + 31 * (cid + 1))
-        harmful = harmful[:n_harm]
-        toks = [tokenize_example(tokenizer, e, d.max_length, d.truncation, d.system_prompt) for e in harmful]
-        mixed = [t for t in toks if t is not None] + original.examples[: n - n_harm]
+        pool = load_source(a.source, "train", n_harm, cfg.seed + 31 * (cid + 1))
+        harmful = tok(sample_examples(pool, n_harm, numpy_rng(cfg.seed, "attacker-data", cid), a.source))
+        mixed = harmful + original.examples[: n - n_harm]
         order = numpy_rng(cfg.seed, "attacker-order", cid).permutation(len(mixed))
-        comp = Counter({"compliance": len(toks)})
+        comp = Counter({"compliance": len(harmful)})
         if n > n_harm:
             comp["benign"] = n - n_harm
         clients[cid] = ClientData(cid, [mixed[i] for i in order], dict(comp))

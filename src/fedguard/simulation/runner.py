@@ -125,13 +125,12 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     clients = build_client_data(cfg, loaded.tokenizer)
     eval_data = build_eval_data(cfg, loaded.tokenizer)
     trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
-    defense, probe_dir = _build_defense(cfg, loaded, trainer, theta0, progress)
-    attack_probe = None
-    if cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients:
+    defense, probe = _build_defense(cfg, loaded, trainer, theta0, progress)
+    if cfg.attack.probe:  # the attacker may know another probe than the server's
         from fedguard.defenses.probe import LoRAProbe
 
-        attack_probe = LoRAProbe.load(cfg.attack.probe or probe_dir) if (cfg.attack.probe or probe_dir) else None
-    population = build_population(cfg, loaded.tokenizer, clients, attack_probe)
+        probe = LoRAProbe.load(cfg.attack.probe)
+    population = build_population(cfg, loaded.tokenizer, clients, probe)
     server = FederatedServer(build_aggregator(cfg.server.aggregator), int(cfg.server.max_update_mb * 2**20), defense)
     from fedguard.evaluation.evaluator import Evaluator
 
@@ -240,7 +239,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
 
 
 def _build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
-    """The probe defense of ``cfg.defense`` (None for level 'none'), and the probe folder it uses."""
+    """The probe defense of ``cfg.defense`` (None for level 'none') and its probe.
+
+    The probe is also loaded (built if needed) when a probe-aware attacker has none of its own."""
     from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
     from fedguard.defenses.defense import ProbeDefense
     from fedguard.defenses.probe import LoRAProbe
@@ -261,28 +262,27 @@ def _build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
         probe_dir = Path(cfg.defense.probe)
     probe = LoRAProbe.load(probe_dir, expect=compat)
     if cfg.defense.level == "none":
-        return None, probe_dir
+        return None, probe
     defense = ProbeDefense(cfg.defense, probe, theta0, cfg.train.local_steps,
                            cfg.train.batch_size * cfg.train.grad_accum, cfg.train.lr)
     log.info("defense: %s level, probe %s (held-out AUROC %s)", cfg.defense.level, probe_dir,
              probe.metrics.get("auroc"))
-    return defense, probe_dir
+    return defense, probe
 
 
 def detection_summary(verdicts, population) -> dict[str, Any]:
-    """TPR, FPR and AUROC of one round's verdicts against ground truth (flagged: weight < 0.5)."""
+    """TPR, FPR and AUROC of one round's verdicts against ground truth.
+
+    A client counts as flagged when its weight is below 0.5; AUROC ranks by the probe's score."""
     if not verdicts:
         return {}
-    truth = [population.is_malicious(v.client_id) for v in verdicts]
-    flagged = [v.weight < 0.5 for v in verdicts]
-    pos, neg = sum(truth), len(truth) - sum(truth)
-    tp = sum(f and t for f, t in zip(flagged, truth))
-    fp = sum(f and not t for f, t in zip(flagged, truth))
-    out: dict[str, Any] = {"tpr": tp / pos if pos else None, "fpr": fp / neg if neg else None}
-    if pos and neg:
-        from sklearn.metrics import roc_auc_score
+    from fedguard.defenses.probe import detection_metrics
 
-        out["auroc"] = float(roc_auc_score(truth, [v.suspicion for v in verdicts]))
+    truth = [int(population.is_malicious(v.client_id)) for v in verdicts]
+    flagged = detection_metrics(truth, [float(v.weight < 0.5) for v in verdicts], 0.5)
+    out: dict[str, Any] = {"tpr": flagged["recall"], "fpr": flagged["fpr"]}
+    if 0 < sum(truth) < len(truth):
+        out["auroc"] = detection_metrics(truth, [v.suspicion for v in verdicts], 0.5)["auroc"]
     return out
 
 
