@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/fedguard run configs/default.yaml
+	$(VENV)/bin/fedguard sweep configs/default.yaml
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra

@@ -137,7 +137,8 @@ def test_every_level_runs_and_its_state_resumes(level, tmp_path):
 def test_server_code_never_reads_ground_truth():
     """The server role's modules import nothing of the simulation, the attacks or the population."""
     server_side = [SRC / "federated" / "server.py", SRC / "federated" / "aggregation.py",
-                   SRC / "federated" / "validation.py", *sorted((SRC / "defenses").glob("*.py"))]
+                   SRC / "federated" / "validation.py", *sorted((SRC / "defenses").glob("*.py")),
+                   *sorted((SRC / "aggregators").glob("*.py"))]
     for path in server_side:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

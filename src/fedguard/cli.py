@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedguard.config import ConfigError, load_config
+from fedguard.config import DEFENSE_LEVELS, ConfigError, load_config
 
 EXAMPLES = """examples:
   fedguard run configs/default.yaml
@@ -54,9 +54,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "writes every run plus sweep.md (table + plots). Finished cells are reused.")
     sw.add_argument("config")
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sw.add_argument("--ratios", default="10:0,8:2,5:5,3:7", help="comma-separated BENIGN:MALICIOUS ratios")
-    sw.add_argument("--levels", default="none,step,client,shadow,evidence", help="comma-separated defense levels")
+    sw.add_argument("--ratios", default=None, help="comma-separated BENIGN:MALICIOUS ratios (default: sweep.ratios)")
+    sw.add_argument("--levels", default=None, help="comma-separated defense levels (default: sweep.levels)")
+    sw.add_argument("--attacks", default=None,
+                    help="comma-separated attack kinds (default: sweep.attacks, else attack.kind)")
+    sw.add_argument("--jobs", type=int, default=1,
+                    help="cells run in parallel processes (each loads the model; useful on a GPU or many cores)")
     sw.add_argument("--out", type=Path, default=None, help="sweep folder (default: OUTPUT_DIR/NAME-sweep)")
+    sw.add_argument("--report-only", action="store_true", help="report the finished cells; run nothing")
     sw.add_argument("--quiet", action="store_true")
 
     probe = sub.add_parser("probe", help="LoRA-Probe commands (build)")
@@ -118,13 +123,22 @@ def main(argv: list[str] | None = None) -> int:
             from fedguard.simulation.sweep import run_sweep
 
             cfg = load_config(args.config, args.overrides)
-            levels = [x.strip() for x in args.levels.split(",") if x.strip()]
-            bad = [lv for lv in levels if lv not in ("none", "step", "client", "shadow", "evidence")]
+
+            def listed(flag: str | None, default):
+                return [x.strip() for x in flag.split(",") if x.strip()] if flag else default
+
+            levels = listed(args.levels, list(cfg.sweep.levels))
+            bad = [lv for lv in levels if lv not in DEFENSE_LEVELS]
             if bad:
                 raise ConfigError(f"--levels: unknown defense level(s) {bad}")
             out = args.out or Path(cfg.output_dir) / f"{cfg.name}-sweep"
-            ratios = [x.strip() for x in args.ratios.split(",") if x.strip()]
-            print(f"sweep report: {run_sweep(cfg, ratios, levels, out, quiet=args.quiet)}")
+            ratios = listed(args.ratios, list(cfg.sweep.ratios))
+            attacks = listed(args.attacks, cfg.sweep.attacks)
+            if args.jobs < 1:
+                raise ConfigError("--jobs must be at least 1")
+            report = run_sweep(cfg, ratios, levels, out, quiet=args.quiet, attacks=attacks, jobs=args.jobs,
+                               report_only=args.report_only)
+            print(f"sweep report: {report}")
             return 0
         if args.command == "probe":
             if args.probe_command != "build":

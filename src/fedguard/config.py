@@ -7,7 +7,7 @@ field (``train.lr``) instead of a silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -99,9 +99,111 @@ class TrainConfig(_Section):
     )
 
 
+# Server aggregation rules (fedguard.aggregators); each rule's hyper-parameters are in its own sub-section.
+AggregatorName = Literal["fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "krum", "multikrum",
+                         "bulyan", "median", "trimmed_mean", "geomed", "norm_clip", "flame", "foolsgold", "dnc",
+                         "residual", "lasa"]
+
+
+class FedAvgMConfig(_Section):
+    """FedAvgM (Hsu et al. 2019): server momentum on the mean client delta."""
+
+    lr: float = Field(default=1.0, gt=0, description="server learning rate eta")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="beta of the server momentum")
+
+
+class FedOptConfig(_Section):
+    """FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2)."""
+
+    lr: float = Field(default=1e-2, gt=0, description="server learning rate eta")
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="first-moment decay")
+    beta2: float = Field(default=0.99, ge=0, lt=1, description="second-moment decay (FedAdam, FedYogi)")
+    tau: float = Field(default=1e-3, gt=0, description="adaptivity tau; the second moment starts at tau^2")
+
+
+class FedProxConfig(_Section):
+    """FedProx (Li et al. 2020): FedAvg aggregation; clients add mu/2 ||w - w_global||^2 to their loss."""
+
+    mu: float = Field(default=0.01, ge=0, description="proximal coefficient mu sent to every client")
+
+
+class KrumConfig(_Section):
+    selected: int | None = Field(default=None, ge=1,
+                                 description="Multi-Krum: how many lowest-score updates are averaged (default n - f)")
+    neighbourhood_mean: bool = Field(
+        default=False, description="krum only: Safe-FedLLM's baseline variant, the mean of the best update and its "
+                                   "n-f-1 nearest neighbours scored by unsquared distances")
+
+
+class TrimmedMeanConfig(_Section):
+    ratio: float = Field(default=0.1, ge=0, lt=0.5, description="beta: share of values trimmed at each end")
+    count: int | None = Field(
+        default=None, ge=0, description="trim exactly this many values at each end instead (1: Safe-FedLLM's baseline)")
+
+
+class GeoMedConfig(_Section):
+    max_iters: int = Field(default=1000, ge=1, description="smoothed Weiszfeld iterations at most")
+    eps: float = Field(default=1e-6, gt=0, description="nu: distances below it are smoothed to it")
+    tol: float = Field(default=1e-8, ge=0, description="stop once an iteration moves the estimate by at most "
+                                                       "this share of its norm")
+
+
+class NormClipConfig(_Section):
+    bound: float | None = Field(default=None, gt=0,
+                                description="clip every delta to this L2 norm (default: the round's median norm)")
+
+
+class FlameConfig(_Section):
+    noise: float = Field(default=0.001, ge=0, description="lambda: Gaussian noise sigma = lambda * median norm")
+    cluster_input: Literal["cosine_distance", "distance_rows"] = Field(
+        default="cosine_distance", description="HDBSCAN on the precomputed cosine distances (FLAME), or on the "
+                                               "rows of that matrix as Euclidean features (Safe-FedLLM's code)")
+
+
+class FoolsGoldConfig(_Section):
+    history: bool = Field(default=True, description="similarity of accumulated per-client deltas (FoolsGold); "
+                                                    "false: of this round's deltas only (Safe-FedLLM's code)")
+    confidence: float = Field(default=1.0, gt=0, description="kappa of the logit")
+
+
+class DnCConfig(_Section):
+    subsample: int = Field(default=10_000, ge=1, description="b: coordinates drawn per iteration")
+    iterations: int = Field(default=5, ge=1, description="niters: the kept sets of all iterations are intersected")
+    filter_frac: float = Field(default=1.0, gt=0, description="c: each iteration drops the c * f highest scores")
+
+
+class ResidualConfig(_Section):
+    confidence_lambda: float = Field(default=2.0, gt=0, description="lambda: Huber bound K = lambda * sqrt(2/n)")
+    confidence_threshold: float = Field(
+        default=0.1, ge=0,
+        description="delta: values with a lower confidence are replaced by the fitted line (Safe-FedLLM: 0.05)")
+
+
+class LasaConfig(_Section):
+    sparsity: float = Field(default=0.3, ge=0, lt=1,
+                            description="share of each delta's entries zeroed (a top-k by magnitude keeps the rest)")
+    lambda_n: float = Field(default=1.0, gt=0, description="per-layer norm screen bound on the MZ-score")
+    lambda_s: float = Field(default=1.0, gt=0, description="per-layer sign screen bound on the MZ-score")
+
+
 class ServerConfig(_Section):
-    aggregator: Literal["fedavg"] = "fedavg"
+    aggregator: AggregatorName = "fedavg"
     max_update_mb: float = Field(default=64.0, gt=0, description="updates larger than this are rejected")
+    expected_malicious: int = Field(
+        default=0, ge=0, description="f: attackers per round that krum, multikrum, bulyan and dnc assume; a "
+                                     "hyper-parameter, never the simulation's ground truth")
+    fedavgm: FedAvgMConfig = Field(default_factory=FedAvgMConfig)
+    fedopt: FedOptConfig = Field(default_factory=FedOptConfig)
+    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
+    krum: KrumConfig = Field(default_factory=KrumConfig)
+    trimmed_mean: TrimmedMeanConfig = Field(default_factory=TrimmedMeanConfig)
+    geomed: GeoMedConfig = Field(default_factory=GeoMedConfig)
+    norm_clip: NormClipConfig = Field(default_factory=NormClipConfig)
+    flame: FlameConfig = Field(default_factory=FlameConfig)
+    foolsgold: FoolsGoldConfig = Field(default_factory=FoolsGoldConfig)
+    dnc: DnCConfig = Field(default_factory=DnCConfig)
+    residual: ResidualConfig = Field(default_factory=ResidualConfig)
+    lasa: LasaConfig = Field(default_factory=LasaConfig)
 
 
 class EvalConfig(_Section):
@@ -133,10 +235,14 @@ class AttackConfig(_Section):
     probe: str | None = Field(default=None, description="probe artifact the probe-aware attacker knows")
 
 
+DefenseLevel = Literal["none", "step", "client", "shadow", "evidence"]
+DEFENSE_LEVELS: tuple[str, ...] = get_args(DefenseLevel)
+
+
 class DefenseConfig(_Section):
     """Safe-FedLLM defense levels (shared/reference/safe-fedllm.md §3); every constant is here."""
 
-    level: Literal["none", "step", "client", "shadow", "evidence"] = "none"
+    level: DefenseLevel = "none"
     probe: str = Field(default="auto", description="probe artifact folder, or 'auto' (cached, built if missing)")
     threshold: float = Field(default=0.8, gt=0, lt=1, description="tau: P(malicious) >= tau flags a step")
     decay: float = Field(default=0.95, gt=0, le=1, description="gamma of the step level")
@@ -149,7 +255,10 @@ class DefenseConfig(_Section):
     audit_interval: int = Field(default=5, ge=1)
     reaudit_malicious: int = Field(default=0, ge=0, description="re-audit clients frozen as malicious (0: never)")
     shadow_lr: float | None = Field(default=None, gt=0, description="default: train.lr (the probe's lr)")
-    shadow_steps: int | None = Field(default=None, ge=1, description="default: train.local_steps")
+    # The official code trains the shadow branch for all train.local_steps (null here), doubling local
+    # compute; the probe separates clients from the first step on (held-out AUROC 1.0 at every step), and
+    # 2 shadow steps detected exactly as well at 1.08x round time instead of 1.78x (README, Safe-FedLLM).
+    shadow_steps: int | None = Field(default=2, ge=1, description="shadow-branch steps (null: train.local_steps)")
     fail_policy: Literal["open", "closed"] = Field(
         default="closed", description="when the probe cannot score a client: weight 1 (open) or 0 (closed)")
 
@@ -174,6 +283,27 @@ class CheckpointConfig(_Section):
     keep_last: int | None = Field(default=None, ge=1, description="keep only the newest N checkpoints")
 
 
+class SweepConfig(_Section):
+    """The grid ``fedguard sweep`` runs when no --ratios / --levels / --attacks flags are given."""
+
+    ratios: list[str] = Field(default_factory=lambda: ["10:0", "8:2", "5:5", "3:7"],
+                              description="BENIGN:MALICIOUS ratios")
+    levels: list[DefenseLevel] = Field(
+        default_factory=lambda: list(DEFENSE_LEVELS))
+    attacks: list[str] | None = Field(default=None, description="attack kinds (default: attack.kind)")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[str]) -> list[str]:
+        for r in v:
+            parts = r.split(":")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or sum(int(p) for p in parts) == 0:
+                raise ValueError(f"ratio '{r}' must look like BENIGN:MALICIOUS, e.g. 8:2")
+        if not v:
+            raise ValueError("at least one ratio is needed")
+        return v
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 2023
@@ -189,6 +319,7 @@ class ExperimentConfig(_Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     probe: ProbeBuildConfig = Field(default_factory=ProbeBuildConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @field_validator("name")
     @classmethod

@@ -106,6 +106,20 @@ class CompletionLoss:
         return loss, int(batch.targets.numel())
 
 
+def _with_proximal_term(objective, mu: float, anchor: AdapterState, params: dict[str, torch.nn.Parameter]):
+    """FedProx (Li et al. 2020): ``objective`` plus mu/2 ||w - w_global||^2 over the trainable LoRA
+    parameters, anchored at the round-start global adapter; ``objective`` itself when mu is 0."""
+    if not mu:
+        return objective
+    anchors = {k: anchor[k].detach().to(device=p.device, dtype=p.dtype) for k, p in params.items()}
+
+    def objective_with_proximal(live: dict[str, torch.nn.Parameter]) -> torch.Tensor:
+        proximal = 0.5 * mu * sum((p - anchors[k]).square().sum() for k, p in live.items())
+        return proximal if objective is None else objective(live) + proximal
+
+    return objective_with_proximal
+
+
 class LocalTrainer:
     """Runs the client role for any client on the one resident model."""
 
@@ -168,7 +182,9 @@ class LocalTrainer:
             if rc.snapshot_steps else None
         # Per (round, client) streams: batches and LoRA dropout are the same whether or not the run resumed.
         torch.manual_seed(derive_seed(rc.seed, "dropout", rc.server_round, client_id))
-        losses, tokens, targets = self._run_steps(data, order, rc, rc.lr, rc.local_steps, on_step, objective, snap)
+        main_objective = _with_proximal_term(objective, rc.proximal_mu, global_adapter, self.params)
+        losses, tokens, targets = self._run_steps(data, order, rc, rc.lr, rc.local_steps, on_step, main_objective,
+                                                  snap)
         self._save_optimizer(client_id)
         tensors = self.slot.read()
         train_seconds = time.perf_counter() - t0

@@ -34,7 +34,9 @@ class FederatedServer:
         self.defense = defense  # optional: per-client weights from a probe (fedguard.defenses)
 
     def client_config(self, base: RoundConfig, client_id: str) -> RoundConfig:
-        """The round config one client receives: the base plus what the defense asks it to attach."""
+        """The round config one client receives: the base, the aggregator's settings (FedProx's mu) and
+        what the defense asks it to attach."""
+        base = replace(base, **self.aggregator.client_config())
         if self.defense is None:
             return base
         return replace(base, **self.defense.client_requests(base.server_round, client_id))

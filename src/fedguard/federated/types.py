@@ -22,6 +22,7 @@ class RoundConfig:
     seed: int
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
+    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 joins the local loss (0: off)
     # What a defense asks clients to attach (empty: nothing). Keys are adapter tensor names.
     snapshot_keys: tuple[str, ...] = ()
     snapshot_steps: bool = False  # ΔLoRA vs the round-start global after every step: "step/<t>/<key>"

@@ -131,7 +131,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
 
         probe = LoRAProbe.load(cfg.attack.probe)
     population = build_population(cfg, loaded.tokenizer, clients, probe)
-    server = FederatedServer(build_aggregator(cfg.server.aggregator), int(cfg.server.max_update_mb * 2**20), defense)
+    server = FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense)
     from fedguard.evaluation.evaluator import Evaluator
 
     evaluator = Evaluator(loaded, peft_model, slot, trainer.loss, eval_data, cfg.eval, cfg.data.system_prompt)
@@ -238,28 +238,50 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     return RunResult(run_dir, final, report)
 
 
+def needs_probe(cfg: ExperimentConfig) -> bool:
+    """The server's defense needs a probe, or a probe-aware attacker borrows the server's."""
+    return cfg.defense.level != "none" or (
+        cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients > 0
+        and not cfg.attack.probe)
+
+
+def _probe_dir(cfg: ExperimentConfig, loaded, trainer, theta0, progress=None) -> tuple[Path, dict[str, Any]]:
+    """Where the run's probe is, building and caching it first for ``defense.probe: auto``."""
+    from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
+
+    compat = probe_compat(cfg, loaded, {k: tuple(v.shape) for k, v in theta0.items()})
+    if cfg.defense.probe != "auto":
+        return Path(cfg.defense.probe), compat
+    probe_dir = default_probe_dir(compat, cfg)
+    if not (probe_dir / "probe.json").is_file():
+        if progress is not None:
+            progress.status("building the LoRA-Probe (cached for later runs)")
+        log.info("no cached probe matches this model and LoRA config; building one in %s", probe_dir)
+        build_probe(cfg, loaded, trainer, theta0, probe_dir)
+    return probe_dir, compat
+
+
+def ensure_probe(cfg: ExperimentConfig) -> Path | None:
+    """Build (or find) the probe a run of ``cfg`` will use, without running it; None if it needs none."""
+    if not needs_probe(cfg):
+        return None
+    loaded = load_base_model(cfg.model)
+    peft_model, slot = attach_lora(loaded.model, cfg.lora)
+    theta0 = slot.read()
+    trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
+    return _probe_dir(cfg, loaded, trainer, theta0)[0]
+
+
 def _build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
     """The probe defense of ``cfg.defense`` (None for level 'none') and its probe.
 
     The probe is also loaded (built if needed) when a probe-aware attacker has none of its own."""
-    from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
     from fedguard.defenses.defense import ProbeDefense
     from fedguard.defenses.probe import LoRAProbe
 
-    needs_probe = cfg.defense.level != "none" or (
-        cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients and not cfg.attack.probe)
-    if not needs_probe:
+    if not needs_probe(cfg):
         return None, None
-    shapes = {k: tuple(v.shape) for k, v in theta0.items()}
-    compat = probe_compat(cfg, loaded, shapes)
-    if cfg.defense.probe == "auto":
-        probe_dir = default_probe_dir(compat, cfg)
-        if not (probe_dir / "probe.json").is_file():
-            progress.status("building the LoRA-Probe (cached for later runs)")
-            log.info("no cached probe matches this model and LoRA config; building one in %s", probe_dir)
-            build_probe(cfg, loaded, trainer, theta0, probe_dir)
-    else:
-        probe_dir = Path(cfg.defense.probe)
+    probe_dir, compat = _probe_dir(cfg, loaded, trainer, theta0, progress)
     probe = LoRAProbe.load(probe_dir, expect=compat)
     if cfg.defense.level == "none":
         return None, probe
