@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,30 @@ def tiny_config(**sections):
         else:
             raw[k] = v
     return build_config(raw)
+
+
+def run_cli(*args, env=None):
+    """``fedguard ARGS`` in a fresh interpreter (the way a user runs it)."""
+    return subprocess.run([sys.executable, "-m", "fedguard", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def killed_and_resumed(cfg, tmp_path, stop_after_round=2):
+    """Run ``cfg`` straight through, and again SIGKILLed after ``stop_after_round`` then resumed;
+    returns both run directories (the uninterrupted one first)."""
+    from fedguard.io import load_tensors
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(cfg.to_yaml())
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli("run", str(cfg_path), "--run-dir", str(full), "--quiet").returncode == 0
+    crash = run_cli("run", str(cfg_path), "--run-dir", str(killed), "--quiet", "--stop-after-round",
+                    str(stop_after_round))
+    assert crash.returncode == -9  # SIGKILL: nothing after the round was written
+    assert not (killed / "final_adapter").exists()
+    resumed = run_cli("resume", str(killed), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_tensors(full / "final_adapter" / "adapter_model.safetensors")
+    b = load_tensors(killed / "final_adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
+    return full, killed

@@ -148,7 +148,7 @@ def test_server_code_never_reads_ground_truth():
                 name = getattr(node, "id", None) or getattr(node, "attr", "")
                 assert name not in ("malicious", "is_malicious", "population", "malicious_sampled"), (path, name)
     fields = set(ClientUpdate.__dataclass_fields__)
-    assert fields == {"client_id", "tensors", "num_examples", "metrics", "attachments"}
+    assert fields == {"client_id", "tensors", "num_examples", "metrics", "attachments", "payload"}
 
 
 def test_model_poisoning_transforms():

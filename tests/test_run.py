@@ -1,22 +1,14 @@
 """End-to-end runs of the simulation on the tiny model: artifacts, export, resume after a hard kill."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from conftest import killed_and_resumed, run_cli, tiny_config
 from fedguard.io import load_tensors, read_ndjson
 from fedguard.simulation.runner import run_experiment
-
-
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fedguard", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +61,10 @@ def test_same_config_same_result(finished_run, tmp_path):
 
 
 def test_resume_after_a_hard_kill_gives_the_same_final_adapter(tmp_path):
-    cfg_path = tmp_path / "c.yaml"
-    cfg = tiny_config(federation={"rounds": 4}, train={"optimizer_state": "keep"}, eval={"every": 2})
-    cfg_path.write_text(cfg.to_yaml())
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert _cli("run", str(cfg_path), "--run-dir", str(full), "--quiet").returncode == 0
-    crash = _cli("run", str(cfg_path), "--run-dir", str(killed), "--quiet", "--stop-after-round", "2")
-    assert crash.returncode == -9  # SIGKILL: nothing after round 2 was written
-    assert not (killed / "final_adapter").exists()
-    assert [p.name for p in sorted((killed / "checkpoints").iterdir())] == ["round_0001", "round_0002"]
-    resumed = _cli("resume", str(killed), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
-    a = load_tensors(full / "final_adapter" / "adapter_model.safetensors")
-    b = load_tensors(killed / "final_adapter" / "adapter_model.safetensors")
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = tiny_config(federation={"rounds": 4}, train={"optimizer_state": "keep"}, eval={"every": 2},
+                      checkpoint={"every": 1})
+    full, killed = killed_and_resumed(cfg, tmp_path)
+    assert [p.name for p in sorted((killed / "checkpoints").iterdir())] == [f"round_000{i}" for i in range(1, 5)]
     ra, rb = read_ndjson(full / "metrics.ndjson"), read_ndjson(killed / "metrics.ndjson")
     assert [r["round"] for r in rb] == [0, 1, 2, 3, 4]
     assert [r["train_loss"] for r in ra[1:]] == [r["train_loss"] for r in rb[1:]]
@@ -90,5 +72,5 @@ def test_resume_after_a_hard_kill_gives_the_same_final_adapter(tmp_path):
 
 
 def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):
-    out = _cli("resume", str(tmp_path / "nothing"))
+    out = run_cli("resume", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "not a run directory" in out.stderr

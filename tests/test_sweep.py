@@ -27,30 +27,33 @@ def test_sweep_runs_every_cell_and_reuses_finished_ones(tmp_path):
     assert (tmp_path / "sw" / "t-2to2-client" / "final_metrics.json").stat().st_mtime == mtime
 
 
-def test_sweep_grid_from_config_attacks_parallel_jobs_and_report_only(tmp_path):
+def test_sweep_grid_from_config_attacks_aggregators_parallel_jobs_and_report_only(tmp_path):
     base = tiny_config(federation={"num_clients": 4, "clients_per_round": 4, "rounds": 1},
                        train={"local_steps": 2, "batch_size": 4, "lr": 1e-2, "lr_schedule": "constant"},
                        probe={"clients_per_class": 4, "rounds": 1, "examples_per_client": 16},
-                       sweep={"ratios": ["2:2"], "levels": ["none", "client"], "attacks": ["data_poisoning", "scaling"]})
+                       sweep={"ratios": ["2:2"], "levels": ["client"], "attacks": ["data_poisoning", "scaling"],
+                              "aggregators": ["fedavg", "median"]})
     out = tmp_path / "sw"
-    with pytest.raises(ConfigError, match="no cell"):
-        run_sweep(base, ["2:2"], ["none"], out, quiet=True, report_only=True)
     s = base.sweep
-    report = run_sweep(base, s.ratios, s.levels, out, quiet=True, attacks=s.attacks, jobs=2)
-    rows = [line for line in report.read_text().splitlines() if line.startswith("| data_poisoning") or
-            line.startswith("| scaling")]
-    assert len(rows) == 4
-    assert (out / "t-scaling-2to2-client" / "final_metrics.json").is_file()
-    # The scaled updates are flagged by the client level in the parallel run as well.
-    client_row = next(r for r in rows if r.startswith("| scaling | 2:2 | client"))
-    assert client_row.split("|")[8].strip() == "1.00"  # TPR
+    with pytest.raises(ConfigError, match="no cell"):
+        run_sweep(base, s.ratios, s.levels, out, quiet=True, attacks=s.attacks, report_only=True)
+    report = run_sweep(base, s.ratios, s.levels, out, quiet=True, attacks=s.attacks, aggregators=s.aggregators,
+                       jobs=2)
+    rows = [line.split("|") for line in report.read_text().splitlines() if "| 2:2 | client |" in line]
+    assert sorted((r[1].strip(), r[2].strip()) for r in rows) == [
+        ("fedavg", "data_poisoning"), ("fedavg", "scaling"), ("median", "data_poisoning"), ("median", "scaling")]
+    assert (out / "t-median-scaling-2to2-client" / "final_metrics.json").is_file()
+    # Scaled updates are flagged by the client level in the parallel worker processes too.
+    assert all(r[9].strip() == "1.00" for r in rows if r[2].strip() == "scaling")  # TPR
+    assert all(float(r[12]) > 0 for r in rows)  # uplink MB per round
     # A cell folder made by another config is not silently reused.
     changed = base.model_copy(update={"seed": base.seed + 1})
     with pytest.raises(ConfigError, match="seed"):
-        run_sweep(changed, ["2:2"], ["none"], out, quiet=True, attacks=["scaling"])
-    # The sweep section is not part of a cell: changing the grid keeps finished cells.
-    report = run_sweep(base, ["2:2"], ["none"], out, quiet=True, attacks=["scaling"], report_only=True)
-    assert report.read_text().count("| scaling | 2:2 | none") == 1
+        run_sweep(changed, ["2:2"], ["client"], out, quiet=True, attacks=["scaling"], aggregators=["median"])
+    # The sweep section is not part of a cell: another grid reports the finished cells it shares.
+    report = run_sweep(base, ["2:2"], ["client"], out, quiet=True, attacks=["scaling"], aggregators=["median"],
+                       report_only=True)
+    assert report.read_text().count("| 2:2 | client |") == 1
 
 
 def test_sweep_config_section_is_validated():

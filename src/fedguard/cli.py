@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--levels", default=None, help="comma-separated defense levels (default: sweep.levels)")
     sw.add_argument("--attacks", default=None,
                     help="comma-separated attack kinds (default: sweep.attacks, else attack.kind)")
+    sw.add_argument("--aggregators", default=None,
+                    help="comma-separated server.aggregator names (default: sweep.aggregators, else server.aggregator)")
     sw.add_argument("--jobs", type=int, default=1,
                     help="cells run in parallel processes (each loads the model; useful on a GPU or many cores)")
     sw.add_argument("--out", type=Path, default=None, help="sweep folder (default: OUTPUT_DIR/NAME-sweep)")
@@ -134,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or Path(cfg.output_dir) / f"{cfg.name}-sweep"
             ratios = listed(args.ratios, list(cfg.sweep.ratios))
             attacks = listed(args.attacks, cfg.sweep.attacks)
+            aggregators = listed(args.aggregators, cfg.sweep.aggregators)
             if args.jobs < 1:
                 raise ConfigError("--jobs must be at least 1")
-            report = run_sweep(cfg, ratios, levels, out, quiet=args.quiet, attacks=attacks, jobs=args.jobs,
+            report = run_sweep(cfg, ratios, levels, out, quiet=args.quiet, attacks=attacks, jobs=args.jobs, aggregators=aggregators,
                                report_only=args.report_only)
             print(f"sweep report: {report}")
             return 0

@@ -41,6 +41,24 @@ class LoraSettings(_Section):
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
     init_seed: int = Field(default=2023, description="seed of the LoRA A initialisation (theta_0)")
+    # standard: clients train and send A and B; ffa: FFA-LoRA (Sun et al. 2024), A stays frozen at
+    # theta_0's A (shared through init_seed), clients train and send lora_B only and averaging is exact;
+    # flora: FLoRA (Wang et al. 2024), clients of different ranks start each round from a fresh adapter,
+    # the server stacks their B·A exactly and every client merges that sum into its base weights.
+    variant: Literal["standard", "ffa", "flora"] = "standard"
+    client_ranks: list[int] | None = Field(
+        default=None, description="flora: each client's LoRA rank, one per client, each <= r (default: all r)")
+
+    @model_validator(mode="after")
+    def _client_ranks(self) -> LoraSettings:
+        if self.client_ranks is not None:
+            if self.variant != "flora":
+                raise ValueError(f"client_ranks is only used with variant 'flora' (variant is '{self.variant}')")
+            bad = [k for k in self.client_ranks if not 1 <= k <= self.r]
+            if bad or not self.client_ranks:
+                raise ValueError(f"client_ranks must be a non-empty list of ranks between 1 and r = {self.r}, "
+                                 f"got {self.client_ranks}")
+        return self
 
 
 class ClientDataSpec(_Section):
@@ -189,6 +207,10 @@ class LasaConfig(_Section):
 class ServerConfig(_Section):
     aggregator: AggregatorName = "fedavg"
     max_update_mb: float = Field(default=64.0, gt=0, description="updates larger than this are rejected")
+    lora_aggregation: Literal["naive", "product"] = Field(
+        default="naive", description="naive: the aggregator averages A and B separately; product: the exact "
+                                     "weighted mean of the clients' B·A, re-factorised to rank r by truncated SVD "
+                                     "(fedavg and fedprox only)")
     expected_malicious: int = Field(
         default=0, ge=0, description="f: attackers per round that krum, multikrum, bulyan and dnc assume; a "
                                      "hyper-parameter, never the simulation's ground truth")
@@ -204,6 +226,21 @@ class ServerConfig(_Section):
     dnc: DnCConfig = Field(default_factory=DnCConfig)
     residual: ResidualConfig = Field(default_factory=ResidualConfig)
     lasa: LasaConfig = Field(default_factory=LasaConfig)
+
+
+CompressionKind = Literal["none", "fp16", "bf16", "int8", "int8_block", "topk"]
+
+
+class CommunicationConfig(_Section):
+    """How clients send their updates (fedguard.federated.transport); bytes are metered in every run."""
+
+    # none: the adapter tensors as they are; otherwise the delta against the round-start global adapter,
+    # encoded by fedguard.federated.compression and sent as one safetensors blob.
+    compression: CompressionKind = "none"
+    block_size: int = Field(default=256, ge=1, description="int8_block: entries per fp32 scale")
+    topk_fraction: float = Field(default=0.01, gt=0, le=1, description="topk: share of each tensor's entries sent")
+    error_feedback: bool = Field(
+        default=True, description="each client adds what compression dropped to its next update (lossy codecs)")
 
 
 class EvalConfig(_Section):
@@ -291,6 +328,7 @@ class SweepConfig(_Section):
     levels: list[DefenseLevel] = Field(
         default_factory=lambda: list(DEFENSE_LEVELS))
     attacks: list[str] | None = Field(default=None, description="attack kinds (default: attack.kind)")
+    aggregators: list[AggregatorName] | None = Field(default=None, description="default: server.aggregator")
 
     @field_validator("ratios")
     @classmethod
@@ -314,6 +352,7 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    communication: CommunicationConfig = Field(default_factory=CommunicationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
@@ -347,6 +386,30 @@ class ExperimentConfig(_Section):
                              f"federation.num_clients ({fed.num_clients})")
         if self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr ({self.train.min_lr}) exceeds train.lr ({self.train.lr})")
+        if self.server.lora_aggregation == "product":
+            # Robust rules screen and combine deltas coordinate-wise; a product mean has no such form.
+            if self.server.aggregator not in ("fedavg", "fedprox"):
+                raise ValueError(f"server.lora_aggregation 'product' works with server.aggregator fedavg or fedprox, "
+                                 f"not '{self.server.aggregator}'")
+            if self.lora.variant != "standard":
+                raise ValueError(f"server.lora_aggregation 'product' needs lora.variant 'standard' (with "
+                                 f"'{self.lora.variant}' averaging is already exact)")
+        if self.lora.variant == "flora":
+            ranks = self.lora.client_ranks
+            if ranks is not None and len(ranks) != fed.num_clients:
+                raise ValueError(f"lora.client_ranks lists {len(ranks)} ranks but federation.num_clients is "
+                                 f"{fed.num_clients}")
+            # FLoRA's aggregate is a weighted sum of products merged into the base weights: not a rule's input,
+            # not what the probe was trained on, and ranks differ, which the codecs' fixed shapes do not allow.
+            if self.server.aggregator not in ("fedavg", "fedprox"):
+                raise ValueError(f"lora.variant 'flora' works with server.aggregator fedavg or fedprox, "
+                                 f"not '{self.server.aggregator}'")
+            if self.defense.level != "none":
+                raise ValueError(f"lora.variant 'flora' does not support defense.level '{self.defense.level}' "
+                                 "(the probe scores rank-r deltas from θ₀)")
+            if self.communication.compression != "none":
+                raise ValueError(f"lora.variant 'flora' needs communication.compression 'none' "
+                                 f"(got '{self.communication.compression}')")
         return self
 
     def to_yaml(self) -> str:

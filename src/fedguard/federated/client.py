@@ -141,6 +141,8 @@ class LocalTrainer:
         if not saved:
             return
         for key, p in self.params.items():
+            if f"{key}::step" not in saved:  # never stepped (FFA-LoRA's frozen A)
+                continue
             self.optimizer.state[p] = {
                 "step": saved[f"{key}::step"].clone(),
                 "exp_avg": saved[f"{key}::exp_avg"].clone().to(p.device),
@@ -176,6 +178,8 @@ class LocalTrainer:
         order = rng.choice(n, size=needed, replace=n < needed)
 
         self.slot.load(global_adapter)
+        # FFA-LoRA: a frozen A gets no gradient, so AdamW (decay included) never touches it.
+        self.slot.set_lora_a_trainable(rc.train_lora_a)
         self._restore_optimizer(client_id)
         attachments: dict[str, torch.Tensor] = {}
         snap = (lambda t: self._snapshot(attachments, f"step/{t}", rc.snapshot_keys, global_adapter)) \

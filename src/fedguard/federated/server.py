@@ -1,18 +1,55 @@
-"""Server role: validate every update, aggregate the accepted ones, advance the server state.
+"""Server role: decode and validate every update, aggregate the accepted ones, advance the server state.
 
 The server sees ``ClientUpdate``s and nothing else; ground truth about clients (which are malicious,
 in later issues) lives only in the simulation's metadata.
+
+How LoRA adapters are combined:
+
+* ``lora_aggregation = "naive"``: the configured aggregator on the tensors clients send (A and B
+  averaged separately by FedAvg; under FFA-LoRA, B only, with A frozen, which is exact);
+* ``lora_aggregation = "product"``: the exact FedAvg-weighted mean of the clients' products
+  s·B_k A_k, re-factorised to rank r by truncated SVD (``lora_exact.product_average``), with the
+  error of naive averaging and of the refactorisation reported per round;
+* ``lora_aggregation = "flora"``: FLoRA. Clients of any rank r_k ≤ r send fresh adapters; the
+  server stacks them (``lora_exact.flora_stack``: exactly Σ p_k (alpha/r_k) B_k A_k), adds that to
+  the merged update it keeps in ``ServerState.tensors`` (``flora/<module>``, float64) and sends the
+  stacked adapter to every client, which merges it into its base weights. The global adapter
+  itself stays as it was (B = 0): every client re-initialises its own each round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+import torch
+
+from fedguard.aggregators.base import check_client_weights
 from fedguard.federated.aggregation import Aggregator
+from fedguard.federated.lora_exact import (
+    adapter_ranks,
+    flora_stack,
+    is_lora_a,
+    lora_scaling,
+    product_average,
+)
+from fedguard.federated.transport import downlink_nbytes as wire_downlink_nbytes
+from fedguard.federated.transport import WireSpec, decode_update
 from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig, ServerState
 from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
+from fedguard.seeding import derive_seed
+
+LORA_AGGREGATIONS = ("naive", "product", "flora")
+FLORA_PREFIX = "flora/"  # ServerState.tensors keys of FLoRA's merged update, per module
+FLORA_DOWNLINK = "flora_downlink_bytes"  # ServerState.meta: size of the stacked adapter clients fetch next
+
+
+def flora_merged(state: ServerState) -> dict[str, torch.Tensor]:
+    """FLoRA's merged update so far, ``{module: ΔW}`` (float64): what every client has added to its base."""
+    return {k[len(FLORA_PREFIX):]: t for k, t in state.tensors.items() if k.startswith(FLORA_PREFIX)}
 
 log = logging.getLogger(__name__)
 
@@ -25,21 +62,42 @@ class RoundOutcome:
     rejected: dict[str, str] = field(default_factory=dict)  # client id -> reason
     verdicts: list = field(default_factory=list)  # defense verdicts of the accepted updates
     skipped: bool = False  # the defense kept the global adapter unchanged
+    # product averaging: overall relative errors against the exact mean (None otherwise)
+    lora_aggregation: dict[str, Any] | None = None
 
 
 class FederatedServer:
-    def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None):
+    def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None, *, wire: WireSpec | None = None,
+                 lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0):
+        """``wire``: what clients send (default: every tensor, uncompressed); ``lora_alpha``: LoRA's
+        alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run
+        seed (product averaging draws fresh A rows for directions the mean does not use)."""
+        if lora_aggregation not in LORA_AGGREGATIONS:
+            raise ValueError(f"unknown lora_aggregation '{lora_aggregation}' (known: {', '.join(LORA_AGGREGATIONS)})")
+        if lora_aggregation == "flora" and (wire is not None and (wire.compressed or wire.lora_b_only)):
+            raise ValueError("FLoRA clients send their own rank's plain A and B tensors")
         self.aggregator = aggregator
         self.max_update_bytes = int(max_update_bytes)
         self.defense = defense  # optional: per-client weights from a probe (fedguard.defenses)
+        self.wire = wire if wire is not None else WireSpec()
+        self.lora_aggregation = lora_aggregation
+        self.lora_alpha = float(lora_alpha)
+        self.seed = int(seed)
 
     def client_config(self, base: RoundConfig, client_id: str) -> RoundConfig:
-        """The round config one client receives: the base, the aggregator's settings (FedProx's mu) and
-        what the defense asks it to attach."""
-        base = replace(base, **self.aggregator.client_config())
+        """The round config one client receives: the base, the aggregator's settings (FedProx's mu), what
+        to train (FFA-LoRA: B only) and what the defense asks it to attach."""
+        base = replace(base, **self.aggregator.client_config(), train_lora_a=not self.wire.lora_b_only)
         if self.defense is None:
             return base
         return replace(base, **self.defense.client_requests(base.server_round, client_id))
+
+    def downlink_nbytes(self, global_adapter: AdapterState, state: ServerState) -> int:
+        """Bytes each client fetches at the start of a round: the global tensors it needs, or under
+        FLoRA the previous round's stacked adapter (nothing in round 1)."""
+        if self.lora_aggregation == "flora":
+            return int(state.meta.get(FLORA_DOWNLINK, 0))
+        return wire_downlink_nbytes(global_adapter, self.wire)
 
     def restore(self, state: ServerState) -> None:
         """Bring stateful server components back to a checkpointed state."""
@@ -48,7 +106,8 @@ class FederatedServer:
 
     def aggregate_round(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
                         state: ServerState) -> RoundOutcome:
-        spec = UpdateSpec.from_adapter(global_adapter, self.max_update_bytes)
+        sent_global = self.wire.sent_view(global_adapter)
+        spec = UpdateSpec.from_adapter(sent_global, self.max_update_bytes)
         accepted: list[ClientUpdate] = []
         rejected: dict[str, str] = {}
         seen: set[str] = set()
@@ -57,28 +116,96 @@ class FederatedServer:
             try:
                 if cid in seen:
                     raise UpdateRejected("duplicate", "a second update from the same client in one round")
-                validate_update(u, spec)
+                u = decode_update(u, global_adapter, self.wire, self.max_update_bytes)
+                validate_update(u, self._rank_spec(spec, u) if self.lora_aggregation == "flora" else spec)
             except UpdateRejected as exc:
                 rejected[cid] = str(exc)
                 log.warning("round %d: rejected update from client %s (%s)", server_round, cid, exc)
                 continue
             seen.add(cid)
             accepted.append(u)
-        verdicts, weights, skipped = [], None, False
+        verdicts, weights, skipped, report, meta = [], None, False, None, dict(state.meta)
         if accepted and self.defense is not None:
-            judged = self.defense.weigh(server_round, global_adapter, accepted)
+            # The defense judges whole adapters: under FFA-LoRA the frozen A is filled in (its delta is 0).
+            whole = [replace(u, tensors=self.wire.full_view(u.tensors, global_adapter)) for u in accepted]
+            judged = self.defense.weigh(server_round, global_adapter, whole)
             verdicts, weights, skipped = judged.verdicts, judged.weights, judged.skip
             if skipped:
                 log.warning("round %d: mean defense weight %.3f is below the skip threshold; global adapter kept",
                             server_round, judged.mean_weight)
-        if accepted and not skipped:
-            new_global = self.aggregator.aggregate(global_adapter, accepted, state, client_weights=weights)
+        if accepted and not skipped and self.lora_aggregation == "product":
+            new_global, report = self._product_average(server_round, global_adapter, accepted, weights)
+        elif self.lora_aggregation == "flora":
+            merged = accepted if not skipped else []
+            # What clients fetch next round: this round's stacked adapter (nothing if nothing merged).
+            report, meta[FLORA_DOWNLINK] = self._flora(merged, weights if merged else None, state)
+            new_global = {k: v.clone() for k, v in global_adapter.items()}
+            if not accepted:
+                log.warning("round %d: no valid update; nothing merged", server_round)
+        elif accepted and not skipped:
+            new_sent = self.aggregator.aggregate(sent_global, accepted, state, client_weights=weights)
+            new_global = {k: t.clone() for k, t in self.wire.full_view(new_sent, global_adapter).items()}
         else:
             if not accepted:
                 log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             new_global = {k: v.clone() for k, v in global_adapter.items()}
-        meta = dict(state.meta)
         if self.defense is not None:
             meta["defense"] = self.defense.state_dict()
         new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
-        return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped)
+        return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped,
+                            report)
+
+    @staticmethod
+    def _rank_spec(spec: UpdateSpec, update: ClientUpdate) -> UpdateSpec:
+        """FLoRA: the shapes of ``spec`` at the update's own rank (one rank for all modules, 1..r)."""
+        tensors = update.tensors if isinstance(update.tensors, dict) else {}
+        ranks = {int(t.shape[0]) for k, t in tensors.items()
+                 if is_lora_a(k) and isinstance(t, torch.Tensor) and t.dim() == 2}
+        r = max((s[0] for k, s in spec.shapes.items() if is_lora_a(k)), default=0)
+        if len(ranks) != 1 or not 1 <= min(ranks) <= r:
+            raise UpdateRejected("wrong_rank", f"lora_A ranks {sorted(ranks)}; FLoRA needs one rank between 1 and {r}")
+        rank = ranks.pop()
+        shapes = {k: (rank, s[1]) if is_lora_a(k) else (s[0], rank) for k, s in spec.shapes.items()}
+        return replace(spec, shapes=shapes)
+
+    def _flora(self, updates: Sequence[ClientUpdate], client_weights: Sequence[float] | None,
+               state: ServerState) -> tuple[dict[str, Any] | None, int]:
+        """Stack the accepted adapters (examples × defense weight), add Σ p_k s_k B_k A_k to the merged update;
+        returns the round's report and the bytes of the stacked adapter clients fetch."""
+        weights = [u.num_examples * w for u, w in zip(updates, check_client_weights(client_weights, len(updates)))]
+        kept = [i for i, w in enumerate(weights) if w > 0]
+        if not kept:
+            return None, 0
+        ranks = [set(adapter_ranks(updates[i].tensors).values()).pop() for i in kept]
+        agg = flora_stack([updates[i].tensors for i in kept], [weights[i] for i in kept],
+                          scalings=[lora_scaling(self.lora_alpha, r) for r in ranks])
+        for module, delta in agg.delta.items():
+            key = FLORA_PREFIX + module
+            previous = state.tensors.get(key)
+            state.tensors[key] = delta.double() if previous is None else previous + delta.double()
+        norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in agg.delta.values()))
+        report = {"method": "flora", "ranks": {updates[i].client_id: r for i, r in zip(kept, ranks)},
+                  "stacked_rank": sum(ranks), "delta_norm": norm}
+        return report, sum(t.numel() * t.element_size() for t in agg.adapter.values())
+
+    def _product_average(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
+                         client_weights: Sequence[float] | None) -> tuple[AdapterState, dict[str, Any] | None]:
+        """FedAvg's weights (examples × defense weight) on the products B_k A_k instead of on A and B."""
+        defense = check_client_weights(client_weights, len(updates))
+        weights = [u.num_examples * w for u, w in zip(updates, defense)]
+        kept = [i for i, w in enumerate(weights) if w > 0]
+        if not kept:  # every client weighted to zero: keep the global adapter, as every rule does
+            return {k: v.clone() for k, v in global_adapter.items()}, None
+        ranks = set(adapter_ranks(global_adapter).values())
+        if len(ranks) != 1:
+            raise ValueError(f"product averaging needs one LoRA rank, the global adapter has {sorted(ranks)}")
+        rank = ranks.pop()
+        s = lora_scaling(self.lora_alpha, rank)
+        # Unused directions get fresh A rows (B stays 0 there), seeded by round so a resumed run agrees.
+        agg = product_average([updates[i].tensors for i in kept], [weights[i] for i in kept],
+                              scalings=s, out_scaling=s, rank=rank,
+                              fill_seed=derive_seed(self.seed, "product-fill", server_round))
+        rep = agg.report
+        finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731 (JSON has no inf)
+        return agg.adapter, {"method": "product", "naive_rel": finite(rep.naive_rel),
+                             "refactor_rel": finite(rep.refactor_rel), "exact_norm": rep.exact_norm}

@@ -23,6 +23,7 @@ class RoundConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 joins the local loss (0: off)
+    train_lora_a: bool = True  # False: FFA-LoRA, lora_A stays frozen and only lora_B trains
     # What a defense asks clients to attach (empty: nothing). Keys are adapter tensor names.
     snapshot_keys: tuple[str, ...] = ()
     snapshot_steps: bool = False  # ΔLoRA vs the round-start global after every step: "step/<t>/<key>"
@@ -41,7 +42,12 @@ class RoundConfig:
 
 @dataclass
 class ClientUpdate:
-    """What a client sends back: its locally trained adapter and how much data produced it."""
+    """What a client sends back: its locally trained adapter and how much data produced it.
+
+    The adapter travels either as ``tensors`` or, compressed, as ``payload``: one safetensors blob
+    of the encoded delta against the round-start global adapter (``fedguard.federated.transport``
+    writes and reads it); never both.
+    """
 
     client_id: str
     tensors: AdapterState
@@ -49,10 +55,7 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     # Extra tensors a defense asked for (see RoundConfig); checked by the defense, not aggregated.
     attachments: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def nbytes(self) -> int:
-        tensors = list(self.tensors.values()) + list(self.attachments.values())
-        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    payload: bytes | None = None  # bytes on the wire: fedguard.federated.transport.uplink_nbytes
 
 
 @dataclass

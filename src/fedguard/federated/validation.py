@@ -35,9 +35,16 @@ class UpdateSpec:
 
 
 def validate_update(update: ClientUpdate, spec: UpdateSpec) -> None:
-    """Raise ``UpdateRejected`` unless the update matches the global adapter exactly and is finite."""
+    """Raise ``UpdateRejected`` unless the update matches ``spec`` exactly and is finite.
+
+    ``spec`` describes the tensors a client sends: the whole global adapter, or under FFA-LoRA its
+    lora_B tensors only (an A tensor is then an unexpected key). A compressed payload must have
+    been decoded into ``tensors`` first (``fedguard.federated.transport.decode_update``).
+    """
     if not isinstance(update.client_id, str) or not update.client_id:
         raise UpdateRejected("bad_client_id", f"client id must be a non-empty string, got {update.client_id!r}")
+    if getattr(update, "payload", None) is not None:
+        raise UpdateRejected("wrong_encoding", "carries an undecoded payload")
     if not isinstance(update.tensors, dict):
         raise UpdateRejected("bad_payload", f"tensors must be a dict, got {type(update.tensors).__name__}")
     if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples <= 0:

@@ -12,11 +12,14 @@ import math
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from fedguard.config import LoraSettings
+from fedguard.federated.lora_exact import base_layer_key, is_lora_a, is_lora_b, module_of
 from fedguard.io import publish_dir
 
 AdapterState = dict[str, torch.Tensor]
@@ -133,6 +136,38 @@ class AdapterSlot:
     def keys(self) -> list[str]:
         return list(self._params)
 
+    @contextmanager
+    def scaled(self, scaling: float | None) -> Iterator[None]:
+        """Run every LoRA layer with ``scaling`` instead of PEFT's alpha / r for the duration (None: as is).
+
+        FLoRA simulates a rank-r_k client on the rank-r resident adapter, and that client's LoRA runs
+        with alpha / r_k."""
+        if scaling is None:
+            yield
+            return
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.scaling]
+        before = [m.scaling[ADAPTER_NAME] for m in layers]
+        try:
+            for m in layers:
+                m.scaling[ADAPTER_NAME] = float(scaling)
+            yield
+        finally:
+            for m, b in zip(layers, before):
+                m.scaling[ADAPTER_NAME] = b
+
+    def base_weights(self) -> dict[str, torch.nn.Parameter]:
+        """The frozen base weight under each LoRA module, by module name (FLoRA merges into these)."""
+        params = dict(self.model.named_parameters())
+        return {m: params[base_layer_key(m)] for m in sorted({module_of(k) for k in self._params})}
+
+    def set_lora_a_trainable(self, trainable: bool) -> None:
+        """Whether the lora_A weights take gradients (False for FFA-LoRA, which trains lora_B only)."""
+        for k, p in self._params.items():
+            if ".lora_A." in k:
+                p.requires_grad_(trainable)
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(p.shape) for k, p in self._params.items()}
 
@@ -154,6 +189,37 @@ class AdapterSlot:
     @torch.no_grad()
     def read(self) -> AdapterState:
         return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._params.items()}
+
+
+def embed_rank(state: Mapping[str, torch.Tensor], r: int) -> AdapterState:
+    """A rank-r_k adapter inside a rank-r one: A's extra rows and B's extra columns are zero.
+
+    Those entries stay exactly zero under training (each one's gradient is a product with a zero
+    partner, and AdamW moves nothing whose gradient and moments are zero), so the resident rank-r
+    adapter trains exactly like a rank-r_k one (run it at the rank-r_k scaling, ``AdapterSlot.scaled``).
+    """
+    out: AdapterState = {}
+    for k, t in state.items():
+        rank = t.shape[0] if is_lora_a(k) else t.shape[1]
+        if rank > r:
+            raise ValueError(f"{k}: rank {rank} exceeds the resident rank {r}")
+        padded = torch.zeros((r, t.shape[1]) if is_lora_a(k) else (t.shape[0], r), dtype=t.dtype)
+        if is_lora_a(k):
+            padded[:rank] = t
+        else:
+            padded[:, :rank] = t
+        out[k] = padded
+    return out
+
+
+def truncate_rank(state: Mapping[str, torch.Tensor], rank: int) -> AdapterState:
+    """The first ``rank`` rows of every A and columns of every B (inverse of ``embed_rank``)."""
+    out: AdapterState = {}
+    for k, t in state.items():
+        if not (is_lora_a(k) or is_lora_b(k)):
+            raise ValueError(f"{k} is not a LoRA A/B weight")
+        out[k] = (t[:rank] if is_lora_a(k) else t[:, :rank]).clone()
+    return out
 
 
 def write_peft_adapter(slot: AdapterSlot, state: AdapterState, out_dir: str | Path, base_model: str) -> None:

@@ -124,6 +124,61 @@ def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
     return lines
 
 
+def _kb(n: float | None) -> str:
+    return "–" if n is None else f"{n / 1024:.1f}"
+
+
+def _communication_section(cfg: ExperimentConfig, records: list[dict[str, Any]],
+                           final: dict[str, Any]) -> list[str]:
+    """Bytes per client per round (uplink vs the uncompressed tensors it stands for) and LoRA exactness."""
+    rounds = [r for r in records if r.get("round", 0) > 0 and "communication" in r]
+    if not rounds:
+        return []
+    c = cfg.communication
+    codec = {"none": "none (fp32 tensors)", "int8_block": f"int8_block (block {c.block_size})",
+             "topk": f"topk (fraction {c.topk_fraction:g})"}.get(c.compression, c.compression)
+    if c.compression != "none":
+        codec += ", error feedback " + ("on" if c.error_feedback else "off")
+    up, down = final.get("bytes_up_per_client_round"), final.get("bytes_down_per_client_round")
+    # Downlink carries the sent tensors uncompressed (fp32), so it is also the uplink's uncompressed size.
+    ratio = f" = {up / down:.3f} of the uncompressed tensors" if up and down and c.compression != "none" else ""
+    headers = [t.get("up_header", 0) for r in rounds for t in r["communication"].values()]
+    if headers and any(headers):  # fixed per tensor: large on a tiny adapter, negligible on a real one
+        ratio += f" (of which {_kb(sum(headers) / len(headers))} KB safetensors header and codec metadata)"
+    variant = {"ffa": "FFA-LoRA: lora_B only, A frozen",
+               "flora": f"FLoRA: each client sends its own rank's A and B (ranks {cfg.lora.client_ranks or 'all r'}) "
+                        "and downloads the previous round's stacked adapter to merge into its base weights",
+               }.get(cfg.lora.variant, "standard LoRA: A and B")
+    lines = ["", "## Communication", "",
+             f"Compression `{codec}`; {variant}. Per client per round: uplink **{_kb(up)} KB**{ratio}, "
+             f"downlink {_kb(down)} KB; whole run: {_kb(final.get('bytes_up_total'))} KB up, "
+             f"{_kb(final.get('bytes_down_total'))} KB down, {_kb(final.get('bytes_defense_total'))} KB of defense "
+             "attachments (counted apart)."]
+    after = final.get("after", {})
+    if after:
+        utility = ", ".join(f"{k} {_fmt(after[k], 2)}" for k in ("eval_loss", "exact_match", "refusal_rate")
+                            if k in after)
+        lines += ["", f"Utility at these bytes (after round {final.get('after_round')}): {utility}."]
+    exact = [r for r in rounds if r.get("lora_aggregation", {}).get("method") == "product"]
+    if exact:
+        lines += ["", "### Exact LoRA aggregation (product averaging)", "",
+                  "Relative Frobenius error against the exact weighted mean M = Σ p_k s B_k A_k: of naive separate "
+                  "A/B averaging (what FedAvg would have used) and of the rank-r SVD refactorisation (what is used).",
+                  "", "| round | naive A/B averaging | rank-r refactorisation |", "|---:|---:|---:|"]
+        lines += [f"| {r['round']} | {_fmt(r['lora_aggregation'].get('naive_rel'), 4)} | "
+                  f"{_fmt(r['lora_aggregation'].get('refactor_rel'), 4)} |" for r in exact]
+    stacked = [r for r in rounds if r.get("lora_aggregation", {}).get("method") == "flora"]
+    if stacked:
+        lines += ["", "### FLoRA stacking", "",
+                  "Exact: the merged update is Σ p_k (alpha / r_k) B_k A_k over the clients' own ranks "
+                  "(`final_merged_delta.safetensors` holds the total ΔW per base weight).", "",
+                  "| round | client ranks | stacked rank | ‖ΔW‖_F merged |", "|---:|---|---:|---:|"]
+        lines += [f"| {r['round']} | {', '.join(f'{c}: {k}' for c, k in r['lora_aggregation']['ranks'].items())} | "
+                  f"{r['lora_aggregation']['stacked_rank']} | {r['lora_aggregation']['delta_norm']:.4f} |"
+                  for r in stacked]
+    return lines
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "–"
@@ -155,7 +210,8 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
         f"Model `{cfg.model.name_or_path}` ({final.get('precision')}), LoRA r={cfg.lora.r} α={cfg.lora.alpha:g} on "
         f"{', '.join(cfg.lora.target_modules)}; {cfg.federation.num_clients} clients, {cfg.federation.clients_per_round} "
         f"per round, {final.get('rounds')} rounds of {cfg.train.local_steps} local steps × batch {cfg.train.batch_size}; "
-        f"aggregator `{cfg.server.aggregator}`.",
+        f"aggregator `{cfg.server.aggregator}` ({cfg.server.lora_aggregation} LoRA aggregation), "
+        f"compression `{cfg.communication.compression}`.",
         "",
         "## Before and after",
         "",
@@ -169,13 +225,14 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
             lines.append(f"| {label} | {_fmt(b, nd)} | {_fmt(a, nd)} | {delta} |")
     lines += ["", "![loss, safety and utility per round](plots/overview.png)", "",
               "## Rounds", "",
-              "| round | lr | clients | train loss | rejected | upload MB | seconds |",
-              "|---:|---:|---|---:|---:|---:|---:|"]
+              "| round | lr | clients | train loss | rejected | up KB/client | down KB/client | seconds |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in records:
         if r.get("round", 0) == 0:
             continue
         lines.append(f"| {r['round']} | {r['lr']:.2e} | {', '.join(map(str, r['sampled']))} | {r['train_loss']:.4f} | "
-                     f"{len(r['rejected'])} | {r['bytes_up'] / 2**20:.2f} | {r['round_seconds']:.1f} |")
+                     f"{len(r['rejected'])} | {_kb(r.get('bytes_up_mean'))} | {_kb(r.get('bytes_down_mean'))} | "
+                     f"{r['round_seconds']:.1f} |")
     rejected = [(r["round"], cid, why) for r in records for cid, why in r.get("rejected", {}).items()]
     if rejected:
         lines += ["", "### Rejected updates", "", "| round | client | reason |", "|---:|---|---|"]
@@ -183,6 +240,7 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
     defense_png = plot_defense(records, f"{cfg.name}: {cfg.defense.level}-level defense weights")
     if defense_png is not None:
         atomic_write_bytes(run_dir / "plots" / "defense.png", defense_png)
+    lines += _communication_section(cfg, records, final)
     lines += _defense_section(cfg, records)
     evals = [r for r in records if "eval" in r]
     if evals:

@@ -4,6 +4,7 @@ checkpoints/round_NNNN/
   adapter_model.safetensors, adapter_config.json   the global adapter, PEFT format
   server_state.safetensors                          aggregator / defense tensors
   client_optimizer.safetensors                      per-client AdamW state (when kept across rounds)
+  client_feedback.safetensors                       per-client error-feedback memory (compressed uplink)
   state.json                                        round, server meta, format version
 
 Each checkpoint folder is written in a staging folder and moved into place whole, so a run killed at
@@ -16,7 +17,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ class Checkpoint:
     server_state: ServerState
     client_optimizer_states: dict[str, dict[str, torch.Tensor]]
     path: Path
+    client_feedback: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -44,7 +46,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, server_round: int, slot: AdapterSlot, global_adapter: AdapterState,
                     server_state: ServerState, client_optimizer_states: dict[str, dict[str, torch.Tensor]],
-                    base_model: str, keep_last: int | None = None) -> Path:
+                    base_model: str, keep_last: int | None = None,
+                    client_feedback: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round_{server_round:04d}"
@@ -52,8 +55,8 @@ def save_checkpoint(run_dir: Path, server_round: int, slot: AdapterSlot, global_
     try:
         write_peft_adapter(slot, global_adapter, staging, base_model)
         save_tensors(staging / "server_state.safetensors", server_state.tensors)
-        flat = {f"{cid}/{k}": v for cid, st in client_optimizer_states.items() for k, v in st.items()}
-        save_tensors(staging / "client_optimizer.safetensors", flat)
+        save_tensors(staging / "client_optimizer.safetensors", _flatten(client_optimizer_states))
+        save_tensors(staging / "client_feedback.safetensors", _flatten(client_feedback or {}))
         atomic_write_json(staging / "state.json", {
             "format_version": FORMAT_VERSION, "round": server_round, "server_meta": server_state.meta,
         })
@@ -80,16 +83,25 @@ def load_checkpoint(path: Path) -> Checkpoint:
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
-    flat = load_tensors(path / "client_optimizer.safetensors")
-    opt: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in flat.items():
-        cid, inner = key.split("/", 1)
-        opt.setdefault(cid, {})[inner] = t
+    feedback = path / "client_feedback.safetensors"  # absent in checkpoints of older runs
     return Checkpoint(
         round=int(meta["round"]),
         global_adapter=load_tensors(path / "adapter_model.safetensors"),
         server_state=ServerState(round=int(meta["round"]), tensors=load_tensors(path / "server_state.safetensors"),
                                  meta=meta.get("server_meta", {})),
-        client_optimizer_states=opt,
+        client_optimizer_states=_unflatten(load_tensors(path / "client_optimizer.safetensors")),
         path=path,
+        client_feedback=_unflatten(load_tensors(feedback)) if feedback.is_file() else {},
     )
+
+
+def _flatten(per_client: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{cid}/{k}": v for cid, st in per_client.items() for k, v in st.items()}
+
+
+def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        cid, inner = key.split("/", 1)
+        out.setdefault(cid, {})[inner] = t
+    return out

@@ -17,16 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedguard.config import ExperimentConfig, build_config
 from fedguard.data.federation import build_client_data, build_eval_data
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import LocalTrainer
+from fedguard.federated.lora_exact import base_layer_key, lora_scaling, merge_delta, reinit_adapter
 from fedguard.federated.sampling import round_lr, sample_clients
-from fedguard.federated.server import FederatedServer
+from fedguard.federated.server import FederatedServer, flora_merged
+from fedguard.federated.transport import (
+    UplinkEncoder,
+    WireSpec,
+    attachment_nbytes,
+    uplink_header_nbytes,
+    uplink_nbytes,
+)
 from fedguard.federated.types import RoundConfig, ServerState
-from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read_ndjson
+from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read_ndjson, save_tensors
 from fedguard.model.loading import load_base_model
-from fedguard.model.lora import attach_lora, export_peft_adapter
+from fedguard.model.lora import attach_lora, embed_rank, export_peft_adapter
+from fedguard.seeding import derive_seed
 from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fedguard.simulation.population import build_population
 from fedguard.simulation.progress import RunProgress
@@ -36,6 +47,7 @@ log = logging.getLogger("fedguard")
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.ndjson"
 FINAL_METRICS_FILE = "final_metrics.json"
+FLORA_DELTA_FILE = "final_merged_delta.safetensors"  # FLoRA: ΔW per base weight, W = W_base + ΔW
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -131,7 +143,15 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
 
         probe = LoRAProbe.load(cfg.attack.probe)
     population = build_population(cfg, loaded.tokenizer, clients, probe)
-    server = FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense)
+    wire = WireSpec.from_config(cfg)
+    flora = cfg.lora.variant == "flora"
+    server = FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense,
+                             wire=wire, lora_aggregation=lora_aggregation(cfg),
+                             lora_alpha=cfg.lora.alpha, seed=cfg.seed)
+    uplink = UplinkEncoder(wire)  # client side: compression with each client's error-feedback memory
+    # FLoRA merges every round's update into the base weights: keep the originals, always merge W0 + ΔW (one
+    # rounding, the same whether the run went straight through or resumed).
+    base0 = {m: p.detach().to("cpu", copy=True) for m, p in slot.base_weights().items()} if flora else None
     from fedguard.evaluation.evaluator import Evaluator
 
     evaluator = Evaluator(loaded, peft_model, slot, trainer.loss, eval_data, cfg.eval, cfg.data.system_prompt)
@@ -150,6 +170,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         global_adapter, state = ckpt.global_adapter, ckpt.server_state
         server.restore(state)
         trainer.client_optimizer_states = ckpt.client_optimizer_states
+        uplink.load_state_dict(ckpt.client_feedback)
+        if flora:
+            _merge_into_base(slot, base0, state)
         start = ckpt.round + 1
         records = [r for r in records if r.get("round", 0) <= ckpt.round]
         log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
@@ -177,32 +200,60 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         )
         sampled = sample_clients(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed, server_round)
         progress.start_round(server_round, len(sampled) * steps_per_client)
-        updates = []
+        updates, messages, send_failed = [], [], {}
+        down = server.downlink_nbytes(global_adapter, state)  # what every sampled client receives
         for k, cid in enumerate(sampled):
             progress.status(f"round {server_round}/{total_rounds} · client {cid} ({k + 1}/{len(sampled)})")
             rc_client = server.client_config(rc, str(cid))
-            if cid in population.attackers:  # simulation side: the attacker shapes what it sends
-                updates.append(population.attackers[cid].run(trainer, global_adapter, rc_client, clients[cid],
-                                                             population.benign_data.get(cid), theta0))
-            else:
-                updates.append(trainer.train(global_adapter, rc_client, clients[cid], on_step=progress.step,
-                                             theta0=theta0))
+            start, rank, scaling = global_adapter, None, None
+            if flora:  # a fresh adapter of the client's own rank each round, run at alpha / r_k
+                rank = (cfg.lora.client_ranks or [cfg.lora.r] * cfg.federation.num_clients)[cid]
+                fresh = reinit_adapter(slot.shapes(), rank, derive_seed(cfg.seed, "flora-reinit", server_round, cid))
+                start, scaling = embed_rank(fresh, cfg.lora.r), lora_scaling(cfg.lora.alpha, rank)
+            with slot.scaled(scaling):
+                if cid in population.attackers:  # simulation side: the attacker shapes what it sends
+                    update = population.attackers[cid].run(trainer, start, rc_client, clients[cid],
+                                                           population.benign_data.get(cid), theta0)
+                else:
+                    update = trainer.train(start, rc_client, clients[cid], on_step=progress.step, theta0=theta0)
+            updates.append(update)
+            try:  # the transport boundary: compression is the last thing a client does
+                messages.append(uplink.encode(update, start, rank=rank))
+            except ValueError as exc:
+                send_failed[update.client_id] = f"encode_failed: {exc}"
+                log.warning("round %d: client %s could not encode its update (%s)", server_round, cid, exc)
         train_seconds = time.perf_counter() - t_round
-        outcome = server.aggregate_round(server_round, global_adapter, updates, state)
+        outcome = server.aggregate_round(server_round, global_adapter, messages, state)
         global_adapter, state = outcome.global_adapter, outcome.state
+        if flora:  # every client merges the stacked adapter; on one resident model that is one merge
+            _merge_into_base(slot, base0, state)
+        traffic = {u.client_id: {"up": 0, "up_header": 0, "down": down, "defense": 0} for u in updates}
+        for m in messages:
+            traffic[m.client_id].update(up=uplink_nbytes(m), up_header=uplink_header_nbytes(m),
+                                        defense=attachment_nbytes(m))
         record: dict[str, Any] = {
             "round": server_round,
             "lr": rc.lr,
             "sampled": sampled,
             "accepted": outcome.accepted,
-            "rejected": outcome.rejected,
+            "rejected": {**send_failed, **outcome.rejected},
             "clients": {u.client_id: u.metrics for u in updates},
             "train_loss": statistics.fmean(u.metrics["train_loss"] for u in updates),
             "train_seconds": train_seconds,
-            "bytes_up": sum(u.nbytes() for u in updates),
+            # bytes on the wire: uplink = what clients sent for aggregation (payload or tensors; up_header of
+            # it is safetensors header), downlink = the global tensors each client received, defense =
+            # snapshots a defense asked for
+            "communication": traffic,
+            "bytes_up": sum(t["up"] for t in traffic.values()),
+            "bytes_up_mean": statistics.fmean(t["up"] for t in traffic.values()),
+            "bytes_down": sum(t["down"] for t in traffic.values()),
+            "bytes_down_mean": statistics.fmean(t["down"] for t in traffic.values()),
+            "bytes_defense": sum(t["defense"] for t in traffic.values()),
             # ground truth, from the simulation's metadata; used for metrics only
             "malicious_sampled": [c for c in sampled if population.is_malicious(c)],
         }
+        if outcome.lora_aggregation is not None:
+            record["lora_aggregation"] = outcome.lora_aggregation
         if defense is not None:
             record["defense"] = {"skipped": outcome.skipped, "verdicts": [v.to_json() for v in outcome.verdicts],
                                  "detection": detection_summary(outcome.verdicts, population)}
@@ -219,7 +270,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
             _log_eval(server_round, record["eval"])
         if _checkpoint_due(cfg, server_round):
             save_checkpoint(run_dir, server_round, slot, global_adapter, state, trainer.client_optimizer_states,
-                            loaded.path, cfg.checkpoint.keep_last)
+                            loaded.path, cfg.checkpoint.keep_last, client_feedback=uplink.state_dict())
         progress.end_round()
         if stop_after_round is not None and server_round == stop_after_round:
             # Simulates a crash: no clean-up, no final artifacts (used to test resume).
@@ -229,6 +280,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
             os.kill(os.getpid(), signal.SIGKILL)
 
     export_peft_adapter(slot, global_adapter, run_dir / "final_adapter", loaded.path)
+    if flora:  # FLoRA's result lives in the base weights: W = W_base + ΔW per module
+        save_tensors(run_dir / FLORA_DELTA_FILE,
+                     {base_layer_key(m): d.float() for m, d in flora_merged(state).items()})
     final = _final_metrics(cfg, records, time.perf_counter() - t_start, loaded)
     atomic_write_json(run_dir / FINAL_METRICS_FILE, final)
     from fedguard.reporting.report import write_report
@@ -236,6 +290,19 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     report = write_report(run_dir, cfg, records, final)
     log.info("report: %s", report)
     return RunResult(run_dir, final, report)
+
+
+def lora_aggregation(cfg: ExperimentConfig) -> str:
+    """How the server combines adapters: FLoRA's stacking for lora.variant flora, else server.lora_aggregation."""
+    return "flora" if cfg.lora.variant == "flora" else cfg.server.lora_aggregation
+
+
+def _merge_into_base(slot, base0: dict[str, Any], state: ServerState) -> None:
+    """Set every LoRA module's base weight to W0 + ΔW (FLoRA's merged update so far)."""
+    merged = merge_delta(base0, flora_merged(state))
+    with torch.no_grad():
+        for m, p in slot.base_weights().items():
+            p.copy_(merged.get(m, base0[m]))
 
 
 def needs_probe(cfg: ExperimentConfig) -> bool:
@@ -308,6 +375,27 @@ def detection_summary(verdicts, population) -> dict[str, Any]:
     return out
 
 
+def _communication_totals(cfg: ExperimentConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes over the whole run, per client per round, and the exactness of product averaging."""
+    per_client = [t for r in rounds for t in r.get("communication", {}).values()]
+    out: dict[str, Any] = {
+        "compression": cfg.communication.compression,
+        "lora_variant": cfg.lora.variant,
+        "lora_aggregation": lora_aggregation(cfg),
+        "bytes_up_total": sum(r.get("bytes_up", 0) for r in rounds),
+        "bytes_down_total": sum(r.get("bytes_down", 0) for r in rounds),
+        "bytes_defense_total": sum(r.get("bytes_defense", 0) for r in rounds),
+        "bytes_up_per_client_round": statistics.fmean(t["up"] for t in per_client) if per_client else None,
+        "bytes_down_per_client_round": statistics.fmean(t["down"] for t in per_client) if per_client else None,
+    }
+    for key in ("naive_rel", "refactor_rel"):
+        values = [r["lora_aggregation"][key] for r in rounds
+                  if r.get("lora_aggregation", {}).get(key) is not None]
+        if values:
+            out[f"mean_{key}"] = statistics.fmean(values)
+    return out
+
+
 def _json_line(record: dict[str, Any]) -> str:
     import json
 
@@ -341,5 +429,6 @@ def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds
         "mean_round_seconds": statistics.fmean(r["round_seconds"] for r in rounds) if rounds else None,
         "mean_train_seconds_per_round": statistics.fmean(r["train_seconds"] for r in rounds) if rounds else None,
         "bytes_up_per_round": statistics.fmean(r["bytes_up"] for r in rounds) if rounds else None,
+        **_communication_totals(cfg, rounds),
         "wall_seconds_this_process": seconds,
     }

@@ -29,15 +29,19 @@ def parse_ratio(text: str, num_clients: int) -> int:
     return round(num_clients * malicious / (benign + malicious))
 
 
-def cell_config(base: ExperimentConfig, ratio: str, level: str, attack: str | None = None) -> ExperimentConfig:
-    """One cell of the grid; ``attack`` (an attack kind) also goes into the run's name when given."""
+def cell_config(base: ExperimentConfig, ratio: str, level: str, attack: str | None = None,
+                aggregator: str | None = None) -> ExperimentConfig:
+    """One cell of the grid; ``attack`` (an attack kind) and ``aggregator`` also go into the run's name
+    when given."""
     raw = base.model_dump(mode="json")
     raw.pop("sweep")  # a cell is one run: the grid it belongs to is not part of its config
-    tag = f"-{attack}" if attack else ""
+    tag = "".join(f"-{x}" for x in (aggregator, attack) if x)
     raw["name"] = f"{base.name}{tag}-{ratio.replace(':', 'to')}-{level}"
     raw["attack"]["malicious_clients"] = parse_ratio(ratio, base.federation.num_clients)
     if attack:
         raw["attack"]["kind"] = attack
+    if aggregator:
+        raw["server"]["aggregator"] = aggregator
     raw["defense"]["level"] = level
     return build_config(raw)
 
@@ -80,12 +84,14 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def run_sweep(base: ExperimentConfig, ratios: list[str], levels: list[str], out_dir: Path, quiet: bool = False,
-              attacks: list[str] | None = None, jobs: int = 1, report_only: bool = False) -> Path:
+              attacks: list[str] | None = None, jobs: int = 1, report_only: bool = False,
+              aggregators: list[str] | None = None) -> Path:
     """Run every unfinished cell, then write the report; ``report_only`` reports the finished cells
     and runs nothing (to look at a sweep still running elsewhere)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = [(attack, ratio, level, cell_config(base, ratio, level, attack))
-             for attack in (attacks or [None]) for ratio in ratios for level in levels]
+    cells = [(attack, ratio, level, cell_config(base, ratio, level, attack, aggregator))
+             for aggregator in (aggregators or [None]) for attack in (attacks or [None])
+             for ratio in ratios for level in levels]
     for *_, cfg in cells:
         _check_same_config(cfg, out_dir / cfg.name)
     todo = [(cfg, out_dir / cfg.name) for *_, cfg in cells if not (out_dir / cfg.name / FINAL_METRICS_FILE).is_file()]
@@ -103,7 +109,8 @@ def run_sweep(base: ExperimentConfig, ratios: list[str], levels: list[str], out_
         run_dir = out_dir / cfg.name
         final = json.loads((run_dir / FINAL_METRICS_FILE).read_text())
         records = read_ndjson(run_dir / METRICS_FILE)
-        rows.append({"attack": attack or cfg.attack.kind, "ratio": ratio, "level": level, "run": cfg.name,
+        rows.append({"aggregator": cfg.server.aggregator, "attack": attack or cfg.attack.kind, "ratio": ratio,
+                     "level": level, "run": cfg.name,
                      "final": final, "records": records, "detection": _detection(records)})
     return write_sweep_report(base, rows, out_dir)
 
@@ -132,6 +139,15 @@ def _panel(row: dict[str, Any], several_attacks: bool) -> str:
     return f"{row['attack']} · {row['ratio']}" if several_attacks else f"benign:malicious {row['ratio']}"
 
 
+def _label(row: dict[str, Any], several_aggregators: bool) -> str:
+    return f"{row['aggregator']} / {row['level']}" if several_aggregators else row["level"]
+
+
+def _per_round_mean(records: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in records if isinstance(r.get(key), int | float)]
+    return statistics.fmean(vals) if vals else None
+
+
 def _series(record: dict[str, Any], key: str) -> float | None:
     if key in ("tpr", "fpr"):
         det = record.get("defense", {}).get("detection") or {}
@@ -149,6 +165,7 @@ def _plot(rows: list[dict[str, Any]], key: str, ylabel: str) -> bytes:
     import matplotlib.pyplot as plt
 
     several = len({r["attack"] for r in rows}) > 1
+    several_aggregators = len({r["aggregator"] for r in rows}) > 1
     panels = list(dict.fromkeys(_panel(r, several) for r in rows))
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
@@ -160,7 +177,7 @@ def _plot(rows: list[dict[str, Any]], key: str, ylabel: str) -> bytes:
                 continue
             pts = [(x["round"], v) for x in r["records"] if (v := _series(x, key)) is not None]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=r["level"])
+                ax.plot(*zip(*pts), "o-", label=_label(r, several_aggregators))
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -188,20 +205,26 @@ def write_sweep_report(base: ExperimentConfig, rows: list[dict[str, Any]], out_d
     for key, label in PLOTS:
         atomic_write_bytes(out_dir / f"{key}.png", _plot(rows, key, label))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    aggregators = list(dict.fromkeys(r["aggregator"] for r in rows))
     lines = [f"# fedguard sweep: {base.name}", "",
              f"Model `{base.model.name_or_path}`, {base.federation.num_clients} clients "
              f"({base.federation.clients_per_round} per round), {base.federation.rounds} rounds, "
-             f"{base.train.local_steps} local steps, aggregator `{base.server.aggregator}`, "
+             f"{base.train.local_steps} local steps, aggregator {', '.join(f'`{a}`' for a in aggregators)}, "
              f"attack {', '.join(f'`{a}`' for a in attacks)}. Refusal rate = rule score on "
              f"{base.eval.harmful_prompts} held-out harmful prompts (higher is safer); exact match and held-out loss "
-             "measure utility. Detection columns are means over rounds (flagged: weight < 0.5).", "",
-             "| attack | benign:malicious | defense | refusal before | refusal after | exact match after "
-             "| held-out loss after | TPR | FPR | AUROC | run |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "measure utility. Detection columns are means over rounds (flagged: weight < 0.5); uplink is per "
+             "client per round, time per round (means).", "",
+             "| aggregator | attack | benign:malicious | defense | refusal before | refusal after | exact match after "
+             "| held-out loss after | TPR | FPR | AUROC | uplink KB / client | s / round | run |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         b, a, det = r["final"].get("before", {}), r["final"].get("after", {}), r["detection"]
-        lines.append(f"| {r['attack']} | {r['ratio']} | {r['level']} | {f(b.get('refusal_rate'))} | "
+        up = _per_round_mean(r["records"], "bytes_up_mean")  # per client per round
+        lines.append(f"| {r['aggregator']} | {r['attack']} | {r['ratio']} | {r['level']} | {f(b.get('refusal_rate'))} | "
                      f"{f(a.get('refusal_rate'))} | {f(a.get('exact_match'))} | {f(a.get('eval_loss'), 4)} | "
-                     f"{f(det['tpr'], 2)} | {f(det['fpr'], 2)} | {f(det['auroc'], 2)} | [{r['run']}]({r['run']}/report.md) |")
+                     f"{f(det['tpr'], 2)} | {f(det['fpr'], 2)} | {f(det['auroc'], 2)} | "
+                     f"{f(None if up is None else up / 1e3)} | {f(_per_round_mean(r['records'], 'round_seconds'))} | "
+                     f"[{r['run']}]({r['run']}/report.md) |")
     lines += [""] + [f"![{label} per round]({key}.png)\n" for key, label in PLOTS]
     report = out_dir / "sweep.md"
     atomic_write_text(report, "\n".join(lines))
