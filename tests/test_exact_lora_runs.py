@@ -214,6 +214,9 @@ def test_flora_run_merges_into_the_base_and_resumes_exactly(tmp_path):
                                                                            r"server\.aggregator fedavg"),
     ({"lora": {"variant": "flora"}, "defense": {"level": "client"}}, r"does not support defense\.level 'client'"),
     ({"lora": {"variant": "flora"}, "communication": {"compression": "int8"}}, r"needs communication\.compression"),
+    ({"lora": {"variant": "flora"}, "train": {"optimizer_state": "keep"}}, r"train\.optimizer_state 'keep'"),
+    ({"server": {"lora_aggregation": "product"}, "train": {"optimizer_state": "keep"}},
+     r"train\.optimizer_state 'keep'"),
 ])
 def test_flora_config_errors_name_the_field(raw, match):
     from fedguard.config import ConfigError, build_config

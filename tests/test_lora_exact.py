@@ -34,6 +34,18 @@ def dense_mean(clients, weights, scalings):
     return out
 
 
+def dense(adapter, scaling):
+    """``{module: scaling · B A}`` in float64 (the reference product)."""
+    return {m: scaling * (p.B.double() @ p.A.double()) for m, p in le.split_pairs(adapter).items()}
+
+
+def naive_mean(clients, weights):
+    """FedAvg's separate A/B mean, tensor by tensor, in float64 (the reference for the naive error)."""
+    p = torch.tensor(weights, dtype=torch.float64)
+    p = p / p.sum()
+    return {k: sum(float(pk) * c[k].double() for pk, c in zip(p, clients)) for k in clients[0]}
+
+
 def rel(x, y):
     return float(torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y))
 
@@ -66,14 +78,10 @@ def test_split_rejects_malformed(mutate, match):
         le.split_pairs(c)
 
 
-def test_dense_delta_and_scaling():
-    c = make_client(4, 1)
-    s = le.lora_scaling(16, 4)
-    assert s == 4.0 and le.lora_scaling(16, 4, rslora=True) == 8.0
-    d = le.dense_delta(c, s)
-    m = MODULES[1]
-    assert torch.equal(d[m], s * (c[m + ".lora_B.weight"] @ c[m + ".lora_A.weight"]))
-    assert le.client_scalings([make_client(2, 0), make_client(8, 1)], alpha=16) == [8.0, 2.0]
+def test_scaling():
+    assert le.lora_scaling(16, 4) == 4.0 and le.lora_scaling(16, 4, rslora=True) == 8.0
+    with pytest.raises(ValueError, match="rank"):
+        le.lora_scaling(16, 0)
 
 
 def test_weights_are_validated():
@@ -101,14 +109,14 @@ def test_lowrank_helpers_match_dense():
 def test_full_rank_product_average_is_exact():
     ranks, weights, alpha = (2, 4, 8), [3.0, 1.0, 2.0], 16
     clients = [make_client(r, 10 + i) for i, r in enumerate(ranks)]
-    scalings = le.client_scalings(clients, alpha)
+    scalings = [le.lora_scaling(alpha, r) for r in ranks]
     ref = dense_mean(clients, weights, scalings)
     out_scaling = le.lora_scaling(alpha, sum(ranks))
     agg = le.product_average(clients, weights, scalings=scalings, out_scaling=out_scaling, rank=sum(ranks),
                              dtype=torch.float64)
-    dense = le.dense_delta(agg.adapter, agg.scaling)
+    got = dense(agg.adapter, agg.scaling)
     for m in ref:
-        assert rel(dense[m], ref[m]) < 1e-10
+        assert rel(got[m], ref[m]) < 1e-10
         assert agg.report.modules[m].refactor_rel < 1e-10
         assert agg.report.modules[m].naive_abs is None  # mixed ranks: naive averaging undefined
     assert agg.report.naive_rel is None and agg.report.refactor_rel < 1e-10
@@ -123,8 +131,7 @@ def test_rank_r_refactorisation_is_eckart_young_and_beats_naive():
     weights, s = [1, 2, 3, 4, 5], 2.0
     ref = dense_mean(clients, weights, [s] * 5)
     agg = le.product_average(clients, weights, scalings=s, out_scaling=s, dtype=torch.float64)
-    naive = le.naive_average(clients, weights)
-    naive_dense = le.dense_delta(naive, s)
+    naive_dense = dense(naive_mean(clients, weights), s)
     for m, M in ref.items():
         e = agg.report.modules[m]
         sv = torch.linalg.svdvals(M)
@@ -163,55 +170,32 @@ def test_fill_seed_keeps_dead_directions_trainable():
     assert filled.report.refactor_rel < 1e-12
 
 
-def test_residual_correction_sits_between_svd_and_naive():
-    clients = [make_client(3, 50 + i) for i in range(4)]
-    kw = dict(scalings=1.5, out_scaling=1.5)
-    svd = le.product_average(clients, [1, 2, 3, 4], dtype=torch.float64, **kw).report
-    fair = le.residual_corrected_average(clients, [1, 2, 3, 4], dtype=torch.float64, **kw)
-    naive_a = le.naive_average(clients, [1, 2, 3, 4])
-    for m in MODULES:
-        assert torch.equal(fair.adapter[m + ".lora_A.weight"], naive_a[m + ".lora_A.weight"])  # A kept
-        e = fair.report.modules[m]
-        assert svd.modules[m].refactor_abs <= e.refactor_abs + 1e-12 < e.naive_abs
-    ridged = le.residual_corrected_average(clients, [1, 2, 3, 4], ridge=10.0, dtype=torch.float64, **kw).report
-    assert fair.report.refactor_rel < ridged.refactor_rel < ridged.naive_rel
-
-
 # --- FFA-LoRA -----------------------------------------------------------------------------------
 
-def test_ffa_sends_b_only_and_averages_exactly():
+def test_ffa_through_the_server_averages_products_exactly():
+    """FFA-LoRA as the server runs it: clients send B only, FedAvg averages B with every A frozen."""
+    from fedguard.federated.aggregation import FedAvg
+    from fedguard.federated.compression import state_nbytes
+    from fedguard.federated.server import FederatedServer
+    from fedguard.federated.transport import WireSpec, downlink_nbytes
+    from fedguard.federated.types import ClientUpdate, ServerState
+
     glob = make_client(4, 60, out=10, inn=10)
     frozen_a = {m: glob[m + ".lora_A.weight"] for m in MODULES}
     clients = [make_client(4, 61 + i, out=10, inn=10, shared_a=frozen_a) for i in range(3)]
-    keys = le.ffa_sent_keys(glob)
-    assert keys == sorted(k for k in glob if k.endswith(".lora_B.weight"))
-    assert le.ffa_traffic_fraction({k: tuple(v.shape) for k, v in glob.items()}) == 0.5  # square modules
-    assert le.ffa_traffic_fraction({"m.lora_A.weight": (4, 30), "m.lora_B.weight": (10, 4)}) == 0.25
-    sent = [le.ffa_payload(c) for c in clients]
-    assert all(set(s) == set(keys) for s in sent)
+    wire = WireSpec(lora_b_only=True)
+    assert wire.sent_keys(glob) == sorted(k for k in glob if k.endswith(".lora_B.weight"))
+    assert 2 * downlink_nbytes(glob, wire) == state_nbytes(glob)  # square modules: half the traffic
+    rect = {"m.lora_A.weight": torch.zeros(4, 30), "m.lora_B.weight": torch.zeros(10, 4)}
+    assert 4 * downlink_nbytes(rect, wire) == state_nbytes(rect)  # out / (in + out)
     weights, s = [1, 2, 3], 4.0
-    agg = le.ffa_aggregate(glob, sent, weights)
-    ref = dense_mean(clients, weights, [s] * 3)
-    dense = le.dense_delta(agg, s)
+    updates = [ClientUpdate(str(i), wire.sent_view(c), n) for i, (c, n) in enumerate(zip(clients, weights))]
+    out = FederatedServer(FedAvg(), 1 << 20, wire=wire).aggregate_round(1, glob, updates, ServerState())
+    assert out.accepted == ["0", "1", "2"]
+    ref, got = dense_mean(clients, weights, [s] * 3), dense(out.global_adapter, s)
     for m in MODULES:
-        assert torch.equal(agg[m + ".lora_A.weight"], glob[m + ".lora_A.weight"])
-        assert rel(dense[m], ref[m]) < 1e-13
-    le.ffa_aggregate(glob, clients, weights)  # sending the unchanged A as well is allowed
-
-
-def test_ffa_rejects_trained_a_and_missing_b():
-    glob = make_client(4, 70)
-    frozen_a = {m: glob[m + ".lora_A.weight"] for m in MODULES}
-    good = make_client(4, 71, shared_a=frozen_a)
-    bad = dict(good)
-    bad[MODULES[1] + ".lora_A.weight"] = bad[MODULES[1] + ".lora_A.weight"] + 1e-6
-    with pytest.raises(ValueError, match=r"client 1: .*v_proj\.lora_A\.weight differs from the frozen A"):
-        le.ffa_aggregate(glob, [good, bad])
-    le.ffa_aggregate(glob, [good, bad], atol=1e-5)
-    with pytest.raises(ValueError, match="missing 1 lora_B"):
-        le.ffa_aggregate(glob, [{k: v for k, v in good.items() if k != MODULES[2] + ".lora_B.weight"}])
-    with pytest.raises(ValueError, match="shape"):
-        le.ffa_aggregate(glob, [{**good, MODULES[0] + ".lora_B.weight": torch.zeros(12, 3)}])
+        assert torch.equal(out.global_adapter[m + ".lora_A.weight"], glob[m + ".lora_A.weight"])
+        assert rel(got[m], ref[m]) < 1e-13
 
 
 # --- FLoRA --------------------------------------------------------------------------------------
@@ -219,13 +203,13 @@ def test_ffa_rejects_trained_a_and_missing_b():
 def test_flora_stacking_is_exact_for_mixed_ranks():
     ranks, weights, alpha = (2, 4, 8), [5, 3, 2], 16
     clients = [make_client(r, 80 + i) for i, r in enumerate(ranks)]
-    scalings = le.client_scalings(clients, alpha)
+    scalings = [le.lora_scaling(alpha, r) for r in ranks]
     assert scalings == [8.0, 4.0, 2.0]
     ref = dense_mean(clients, weights, scalings)
     for out_scaling in (1.0, le.lora_scaling(alpha, 14)):
         fl = le.flora_stack(clients, weights, scalings=scalings, out_scaling=out_scaling, dtype=torch.float64)
         assert fl.scaling == out_scaling and [r[MODULES[0]] for r in fl.ranks] == list(ranks)
-        stacked = le.dense_delta(fl.adapter, fl.scaling)
+        stacked = dense(fl.adapter, fl.scaling)
         for m in MODULES:
             assert fl.adapter[m + ".lora_A.weight"].shape == (14, 10)
             assert fl.adapter[m + ".lora_B.weight"].shape == (12, 14)
@@ -236,7 +220,7 @@ def test_flora_stacking_is_exact_for_mixed_ranks():
     # default float32 adapter still represents the product to float32 precision
     fl32 = le.flora_stack(clients, weights, scalings=scalings)
     assert fl32.adapter[MODULES[0] + ".lora_A.weight"].dtype == torch.float32
-    assert rel(le.dense_delta(fl32.adapter, 1.0)[MODULES[0]], ref[MODULES[0]]) < 1e-6
+    assert rel(dense(fl32.adapter, 1.0)[MODULES[0]], ref[MODULES[0]]) < 1e-6
 
 
 def test_merge_delta():
@@ -292,11 +276,11 @@ def test_property_exact_aggregation(ranks, out, inn, weights, scalings, seed):
     scale = float(torch.linalg.matrix_norm(M)) + 1e-300
 
     full = le.product_average(clients, w, scalings=s, out_scaling=0.7, rank=sum(ranks), dtype=torch.float64)
-    got = le.dense_delta(full.adapter, 0.7)[MODULES[0]]
+    got = dense(full.adapter, 0.7)[MODULES[0]]
     assert float(torch.linalg.matrix_norm(got - M)) <= 1e-10 * scale
 
     fl = le.flora_stack(clients, w, scalings=s, out_scaling=0.7, dtype=torch.float64)
-    assert float(torch.linalg.matrix_norm(le.dense_delta(fl.adapter, 0.7)[MODULES[0]] - M)) <= 1e-12 * scale
+    assert float(torch.linalg.matrix_norm(dense(fl.adapter, 0.7)[MODULES[0]] - M)) <= 1e-12 * scale
 
     r = min(ranks)
     trunc = le.product_average(clients, w, scalings=s, out_scaling=0.7, rank=r, dtype=torch.float64)

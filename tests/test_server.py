@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fedguard.federated.aggregation import FedAvg, build_aggregator, weighted_mean
+from fedguard.aggregators import weighted_mean
+from fedguard.federated.aggregation import FedAvg, build_aggregator
 from fedguard.federated.server import FederatedServer
 from fedguard.federated.types import ClientUpdate, ServerState
 from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
@@ -54,6 +55,9 @@ SPEC = UpdateSpec.from_adapter(GLOBAL, max_bytes=1000)
     (upd("a", 1, tensors={k: v.tolist() for k, v in GLOBAL.items()}), "bad_payload"),
     (upd("a", 1, num_examples=0), "bad_num_examples"),
     (upd("a", 1, num_examples=2.5), "bad_num_examples"),
+    (upd("a", 1, num_examples=10**400), "bad_num_examples"),
+    (upd("a", 1, tensors={**GLOBAL, 7: torch.zeros(1)}), "wrong_keys"),
+    (upd("a", 1, metrics=["loss", 1.0]), "bad_metrics"),
     (upd("", 1), "bad_client_id"),
     (upd("a", 1, metrics={"loss": float("nan")}), "bad_metrics"),
 ])
@@ -79,6 +83,23 @@ def test_round_goes_on_without_the_bad_updates():
     assert "duplicate" in out.rejected["a"] and "non_finite" in out.rejected["n"] and "wrong_shape" in out.rejected["c"]
     assert torch.allclose(out.global_adapter["a.lora_A.weight"], torch.full((2, 3), 2.0))
     assert out.state.round == 1
+
+
+def test_no_message_a_client_can_send_crashes_the_round():
+    """Malformed in ways validation does not name still only reject their sender."""
+    from fedguard.config import build_config
+    from fedguard.federated.transport import WireSpec
+
+    odd = [ClientUpdate("t", torch.zeros(3), 1, {}), ClientUpdate("k", {1: torch.zeros(1), "x": torch.zeros(1)}, 1, {}),
+           ClientUpdate("m", dict(GLOBAL), 1, "not a dict"), ClientUpdate("e", dict(GLOBAL), 10**400, {})]
+    plain = FederatedServer(FedAvg(), max_update_bytes=1 << 20)
+    out = plain.aggregate_round(1, GLOBAL, [upd("a", 1.0), *odd], ServerState())
+    assert out.accepted == ["a"] and set(out.rejected) == {"t", "k", "m", "e"}
+    wire = WireSpec.from_config(build_config({"communication": {"compression": "int8"}}))
+    compressed = FederatedServer(FedAvg(), max_update_bytes=1 << 20, wire=wire)
+    both = ClientUpdate("p", torch.zeros(3), 1, {}, payload=b"\x00" * 16)
+    out = compressed.aggregate_round(1, GLOBAL, [both], ServerState())
+    assert set(out.rejected) == {"p"} and "bad_payload" in out.rejected["p"]
 
 
 def test_no_valid_update_keeps_the_global_adapter():

@@ -410,6 +410,12 @@ class ExperimentConfig(_Section):
             if self.communication.compression != "none":
                 raise ValueError(f"lora.variant 'flora' needs communication.compression 'none' "
                                  f"(got '{self.communication.compression}')")
+        refactored = self.lora.variant == "flora" or self.server.lora_aggregation == "product"
+        if refactored and self.train.optimizer_state == "keep":
+            # A client's kept AdamW moments belong to factors the server has since replaced (FLoRA
+            # re-initialises the adapter, product averaging re-factorises it by SVD).
+            raise ValueError("train.optimizer_state 'keep' does not fit lora.variant 'flora' or "
+                             "server.lora_aggregation 'product'; use 'reset'")
         return self
 
     def to_yaml(self) -> str:

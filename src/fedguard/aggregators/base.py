@@ -116,17 +116,16 @@ class Aggregator(ABC):
         """New global adapter from at least one validated update; see the module doc for ``client_weights``."""
         if not updates:
             raise ValueError("aggregation needs at least one update")
-        weights = check_client_weights(client_weights, len(updates))
-        kept = [i for i, w in enumerate(weights) if w > 0]
-        if not kept:  # every client weighted to zero: keep the global adapter
+        counted = counted_updates(updates, client_weights)
+        if not counted:  # every client weighted to zero: keep the global adapter
             return {k: v.clone() for k, v in global_adapter.items()}
         layout = AdapterLayout.of(global_adapter)
         base = layout.flatten(global_adapter)
         batch = ClientDeltas(
-            client_ids=tuple(str(updates[i].client_id) for i in kept),
-            deltas=torch.stack([layout.flatten(updates[i].tensors) - base for i in kept]),
-            num_examples=torch.tensor([float(updates[i].num_examples) for i in kept], dtype=torch.float64),
-            weights=torch.tensor([weights[i] for i in kept], dtype=torch.float64),
+            client_ids=tuple(str(c.update.client_id) for c in counted),
+            deltas=torch.stack([layout.flatten(c.update.tensors) - base for c in counted]),
+            num_examples=torch.tensor([float(c.update.num_examples) for c in counted], dtype=torch.float64),
+            weights=torch.tensor([c.defense_weight for c in counted], dtype=torch.float64),
             layout=layout,
             server_round=state.round + 1,
         )
@@ -140,16 +139,30 @@ class Aggregator(ABC):
         """The aggregated delta [d] (float64) of the clients in ``batch``; may update ``state.tensors``."""
 
 
-def check_client_weights(client_weights: Sequence[float] | None, n: int) -> list[float]:
-    if client_weights is None:
-        return [1.0] * n
-    weights = [float(w) for w in client_weights]
+@dataclass(frozen=True)
+class CountedUpdate:
+    """An update that counts this round (rule 1 of the module doc: its defense weight is positive)."""
+
+    update: ClientUpdate
+    defense_weight: float  # > 0; 1.0 without a defense
+
+    @property
+    def example_weight(self) -> float:
+        """FedAvg's weight of the update: its number of examples times its defense weight."""
+        return self.update.num_examples * self.defense_weight
+
+
+def counted_updates(updates: Sequence[ClientUpdate], client_weights: Sequence[float] | None) -> list[CountedUpdate]:
+    """The updates whose defense weight is positive, in order; empty if every weight is 0. ValueError
+    unless there is one finite, non-negative weight per update (None: all 1.0)."""
+    n = len(updates)
+    weights = [1.0] * n if client_weights is None else [float(w) for w in client_weights]
     if len(weights) != n:
         raise ValueError(f"one client weight per update is required ({len(weights)} weights, {n} updates)")
     bad = [w for w in weights if not (w >= 0 and w != float("inf"))]  # also catches NaN
     if bad:
         raise ValueError(f"client weights must be finite and non-negative, got {bad}")
-    return weights
+    return [CountedUpdate(u, w) for u, w in zip(updates, weights) if w > 0]
 
 
 # -- weighted statistics -----------------------------------------------------------------------------------

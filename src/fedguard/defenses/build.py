@@ -81,7 +81,8 @@ def collect_probe_data(cfg: ExperimentConfig, loaded, trainer, theta0, on_client
             rc = RoundConfig(server_round=rnd, lr=lr, local_steps=cfg.train.local_steps,
                              batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                              seed=cfg.seed + 7_000_001, max_grad_norm=cfg.train.max_grad_norm,
-                             snapshot_keys=keys, snapshot_steps=True)
+                             snapshot_keys=keys, snapshot_steps=True,
+                             train_lora_a=cfg.lora.variant != "ffa")  # the run's clients train like this
             update = trainer.train(theta0, rc, data)
             for t in range(1, cfg.train.local_steps + 1):
                 snaps.append({k: update.attachments[f"step/{t}/{k}"] for k in keys})

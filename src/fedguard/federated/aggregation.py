@@ -7,12 +7,18 @@ rules keep their state); this module maps a ``ServerConfig`` to one of them.
 
 from __future__ import annotations
 
-from fedguard.aggregators import ALL_RULES, Aggregator, FedAvg, weighted_mean
+import logging
+
+from fedguard.aggregators import ALL_RULES, Aggregator, FedAvg
 from fedguard.config import ServerConfig
 
 AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in ALL_RULES}
+# Rules whose screening is sized by f (Krum's neighbourhood, Bulyan's selection, DnC's filter).
+NEEDS_ATTACKER_COUNT = frozenset({"krum", "multikrum", "bulyan", "dnc"})
 
-__all__ = ["AGGREGATORS", "Aggregator", "FedAvg", "build_aggregator", "weighted_mean"]
+log = logging.getLogger(__name__)
+
+__all__ = ["AGGREGATORS", "Aggregator", "FedAvg", "build_aggregator"]
 
 
 def build_aggregator(server: ServerConfig | str, seed: int = 0) -> Aggregator:
@@ -27,4 +33,7 @@ def build_aggregator(server: ServerConfig | str, seed: int = 0) -> Aggregator:
     except KeyError:
         raise ValueError(f"unknown aggregator '{server.aggregator}' (known: {', '.join(sorted(AGGREGATORS))})") \
             from None
+    if server.aggregator in NEEDS_ATTACKER_COUNT and server.expected_malicious == 0:
+        log.warning("server.aggregator '%s' with server.expected_malicious 0 screens out nobody; set it to the "
+                    "number of attackers the federation should withstand", server.aggregator)
     return rule.from_config(server, int(seed))

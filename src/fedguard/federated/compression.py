@@ -1,12 +1,12 @@
 """Compression of client updates (a delta ``AdapterState``) with byte metering.
 
 A ``Codec`` turns a delta into a ``Payload`` — plain tensors plus JSON-able metadata, writable as
-one safetensors blob (``payload_to_bytes`` / ``payload_from_bytes``) — and back. Codecs:
+one safetensors blob (``payload_to_bytes`` / ``payload_from_bytes``) — and back. Codecs (kind
+``none`` has none: uncompressed updates travel as plain tensors):
 
 =============  ===================================================  ==================================
 kind           what is sent per tensor of n entries                 error bound (stated per codec)
 =============  ===================================================  ==================================
-``none``       the tensor as is                                     exact
 ``fp16``       float16 copy (2n bytes)                              rel ≤ 2⁻¹¹ for normal fp16 values
 ``bf16``       bfloat16 copy (2n bytes)                             rel ≤ 2⁻⁸ for normal values
 ``int8``       int8 codes + one fp32 scale (n + 4 bytes)            abs ≤ scale/2, scale = absmax/127
@@ -50,7 +50,7 @@ class PayloadError(ValueError):
 
 @dataclass(frozen=True)
 class CompressionSpec:
-    """Which codec and its parameters (``kind`` in ``CODECS``)."""
+    """Which codec and its parameters (``kind``: ``none`` or one of ``CODECS``)."""
 
     kind: str = "none"
     block_size: int = 256  # int8_block: entries per scale
@@ -65,16 +65,9 @@ class Payload:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def payload_nbytes(payload: Payload, *, include_meta: bool = False) -> int:
-    """Bytes of the payload's tensors (numel × element size), plus the JSON metadata if asked."""
-    n = sum(t.numel() * t.element_size() for t in payload.tensors.values())
-    if include_meta:
-        n += len(json.dumps(payload.meta, separators=(",", ":")).encode())
-    return n
-
-
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of an uncompressed ``AdapterState``, for compression ratios."""
+    """Bytes of the tensors' data (numel × element size): of an ``AdapterState``, or of a ``Payload``'s
+    tensors (its safetensors blob adds a header). The transport's metering is built on it."""
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
@@ -205,23 +198,6 @@ def _expect(full: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], numel: 
         raise PayloadError(f"{full}: {t.dim()}-D, expected {ndim}-D")
     if numel is not None and t.numel() != numel:
         raise PayloadError(f"{full}: {t.numel()} entries, expected {numel}")
-
-
-class IdentityCodec(Codec):
-    """``none``: sends the tensors unchanged (4 bytes per fp32 entry). Exact."""
-
-    kind = "none"
-
-    def _part_names(self):
-        return ("data",)
-
-    def _encode(self, key, t):
-        return {"data": t.reshape(-1).clone()}, {}
-
-    def _decode(self, key, parts, shape, meta, dtype):
-        d = parts["data"]
-        _expect(f"{key}::data", d, (dtype,), math.prod(shape))
-        return d.reshape(shape).clone()
 
 
 class CastCodec(Codec):
@@ -392,7 +368,7 @@ class TopKCodec(Codec):
         return out.reshape(shape)
 
 
-CODECS = ("none", "fp16", "bf16", "int8", "int8_block", "topk")
+CODECS = ("fp16", "bf16", "int8", "int8_block", "topk")
 
 
 def build_codec(spec: CompressionSpec | str) -> Codec:
@@ -400,7 +376,7 @@ def build_codec(spec: CompressionSpec | str) -> Codec:
     if isinstance(spec, str):
         spec = CompressionSpec(kind=spec)
     if spec.kind == "none":
-        return IdentityCodec()
+        raise ValueError("compression 'none' has no codec: uncompressed updates travel as plain tensors")
     if spec.kind in ("fp16", "bf16"):
         return CastCodec(spec.kind)
     if spec.kind == "int8":
@@ -467,9 +443,6 @@ class ErrorFeedback:
         decoded = codec.decode(payload, {k: tuple(t.shape) for k, t in corrected.items()})
         self.residual = {k: corrected[k] - decoded[k].to(self.dtype) for k in corrected}
         return payload
-
-    def residual_norm(self) -> float:
-        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.residual.values()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: t.clone() for k, t in self.residual.items()}

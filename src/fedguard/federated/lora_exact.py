@@ -13,21 +13,18 @@ arXiv 2409.05976; LoRA-FAIR, Bian et al. ICCV 2025, arXiv 2411.14961). This modu
 
 * ``split_pairs`` / ``join_pairs``: an ``AdapterState`` (PEFT keys ``<module>.lora_A.weight`` and
   ``<module>.lora_B.weight``) as ``{module: LoraPair(A, B)}`` and back.
-* ``dense_delta``: ``s · B A`` per module.
-* ``naive_average``: the separate A/B mean (what FedAvg does today).
 * ``product_average``: ``M`` re-factorised to rank r by truncated SVD (best rank-r approximation,
   Eckart–Young), with an ``AggregationReport`` giving, per module and overall, the relative
-  Frobenius error of that refactorisation and of naive averaging against ``M``.
-* ``residual_corrected_average``: keep the averaged ``Ā`` and fit a correction ΔB so that
-  ``(B̄ + ΔB) Ā ≈ M`` (a least-squares variant of LoRA-FAIR's server-side correction).
-* FFA-LoRA: ``ffa_sent_keys`` / ``ffa_payload`` (clients send ``lora_B`` only) and
-  ``ffa_aggregate`` (mean of B with A frozen: exact).
+  Frobenius error of that refactorisation and of naive averaging (the separate A/B mean) against ``M``.
 * FLoRA: ``flora_stack`` (stacking gives ``M`` exactly for mixed ranks), ``merge_delta`` and
   ``reinit_adapter`` (FLoRA merges ``M`` into the base weights and starts a fresh local LoRA each
   round).
 
+FFA-LoRA needs nothing here: its clients send ``lora_B`` only (``transport.WireSpec``) and the
+server's aggregator averages B with every A frozen, which is exact because A is shared.
+
 Scaling is always explicit: every function that forms a product takes the per-client scalings
-``s_k`` (see ``lora_scaling`` / ``client_scalings``) and, where it produces an adapter, the scaling
+``s_k`` (see ``lora_scaling``) and, where it produces an adapter, the scaling
 ``out_scaling`` under which that adapter will be used (PEFT computes it from the adapter's rank, so
 a rank-R stacked adapter loaded with ``lora_alpha = alpha`` runs with ``alpha / R``). All products,
 SVDs and error norms are computed in float64; adapters come back in ``dtype`` (float32 by default,
@@ -41,12 +38,13 @@ in the live PEFT model that module's frozen weight is ``<module>.base_layer.weig
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fedguard.aggregators.base import normalised
 from fedguard.federated.types import AdapterState
 
 A_SUFFIX = ".lora_A.weight"
@@ -147,7 +145,7 @@ def adapter_ranks(adapter: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scaling, weights, dense products
+# Scaling, weights, low-rank products
 
 
 def lora_scaling(alpha: Float, rank: int, *, rslora: bool = False) -> float:
@@ -157,29 +155,11 @@ def lora_scaling(alpha: Float, rank: int, *, rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
-def client_scalings(adapters: Sequence[Mapping[str, torch.Tensor]], alpha: Float, *, rslora: bool = False) -> list[float]:
-    """Per-client scaling ``alpha / r_k`` from each client's (uniform) rank; clients of different rank differ."""
-    out = []
-    for i, ad in enumerate(adapters):
-        ranks = set(adapter_ranks(ad).values())
-        if len(ranks) != 1:
-            raise ValueError(f"client {i} has several ranks {sorted(ranks)}; pass its scalings explicitly")
-        out.append(lora_scaling(alpha, ranks.pop(), rslora=rslora))
-    return out
-
-
-def normalise_weights(weights: Sequence[Float] | None, n: int) -> torch.Tensor:
-    """float64 weights summing to 1 (uniform when None); finite, non-negative, not all zero."""
-    if n <= 0:
-        raise ValueError("at least one client adapter is required")
-    if weights is None:
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    if w.numel() != n:
-        raise ValueError(f"{w.numel()} weights for {n} adapters")
-    if not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0:
-        raise ValueError(f"aggregation weights must be finite, non-negative and not all zero: {w.tolist()}")
-    return w / w.sum()
+def _weights(weights: Sequence[Float] | None, n: int) -> torch.Tensor:
+    """One weight per adapter (uniform when None), normalised to sum to 1 in float64."""
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} adapters")
+    return normalised([1.0] * n if weights is None else weights)
 
 
 def _scalings(scalings: Float | Sequence[Float], n: int) -> list[float]:
@@ -189,11 +169,6 @@ def _scalings(scalings: Float | Sequence[Float], n: int) -> list[float]:
     if not all(math.isfinite(x) for x in s):
         raise ValueError(f"scalings must be finite: {s}")
     return s
-
-
-def dense_delta(adapter: Mapping[str, torch.Tensor], scaling: Float, *, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    """``{module: scaling · B @ A}`` (out × in), computed in float64 and returned in ``dtype``."""
-    return {m: (float(scaling) * (p.B.double() @ p.A.double())).to(dtype) for m, p in split_pairs(adapter).items()}
 
 
 def _client_pairs(adapters: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list[str], list[dict[str, LoraPair]]]:
@@ -323,28 +298,6 @@ class ExactAggregate:
 # Naive vs exact product averaging
 
 
-def naive_average(adapters: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[Float] | None = None) -> AdapterState:
-    """FedAvg / OpenFedLLM: ``Ā = Σ p_k A_k`` and ``B̄ = Σ p_k B_k`` separately (float64 sum, input dtype out).
-
-    Inexact for LoRA: ``B̄ Ā ≠ Σ p_k B_k A_k`` unless all A (or all B) are equal. Needs equal shapes.
-    """
-    w = normalise_weights(weights, len(adapters))
-    keys = sorted(adapters[0])
-    for i, ad in enumerate(adapters):
-        if sorted(ad) != keys:
-            diff = sorted(set(ad) ^ set(keys))
-            raise ValueError(f"naive averaging needs the same keys: client {i} differs from client 0 (e.g. {diff[:2]})")
-        for key in keys:
-            if tuple(ad[key].shape) != tuple(adapters[0][key].shape):
-                raise ValueError(f"naive averaging needs equal shapes: client {i} {key} is {tuple(ad[key].shape)}, "
-                                 f"client 0 has {tuple(adapters[0][key].shape)}")
-    out: AdapterState = {}
-    for key in keys:
-        stacked = torch.stack([ad[key].double() for ad in adapters])
-        out[key] = torch.tensordot(w, stacked, dims=1).to(adapters[0][key].dtype)
-    return out
-
-
 def _homogeneous(per_client: list[dict[str, LoraPair]], module: str) -> bool:
     return len({pairs[module].rank for pairs in per_client}) == 1
 
@@ -381,7 +334,7 @@ def product_average(
     ``alpha / rank``); it is not inferred, so that mixed ranks cannot silently mis-scale.
     """
     modules, per_client = _client_pairs(adapters)
-    w = normalise_weights(weights, len(adapters))
+    w = _weights(weights, len(adapters))
     s = _scalings(scalings, len(adapters))
     out_scaling = float(out_scaling)
     if not math.isfinite(out_scaling) or out_scaling == 0:
@@ -424,123 +377,6 @@ def product_average(
     return ExactAggregate(join_pairs(out), out_scaling, AggregationReport(errors))
 
 
-def residual_corrected_average(
-    adapters: Sequence[Mapping[str, torch.Tensor]],
-    weights: Sequence[Float] | None = None,
-    *,
-    scalings: Float | Sequence[Float],
-    out_scaling: Float,
-    ridge: float = 0.0,
-    dtype: torch.dtype = torch.float32,
-) -> ExactAggregate:
-    """Naive averages ``Ā, B̄`` plus a server-side correction ΔB (after LoRA-FAIR, arXiv 2411.14961).
-
-    ΔB minimises ``‖out_scaling · (B̄ + ΔB) Ā − M‖_F² + ridge · out_scaling² ‖ΔB‖_F²``, i.e.
-    ``ΔB = (T − B̄ Ā) Āᵀ (Ā Āᵀ + ridge I)⁺`` with ``T = M / out_scaling``. A stays the averaged
-    ``Ā`` (no re-initialisation, the point of LoRA-FAIR) and nothing extra is sent. This is the
-    least-squares form of the correction; LoRA-FAIR's own objective (a similarity term with a norm
-    regulariser) is not reproduced exactly. With ``ridge = 0`` the error is the smallest any B can
-    reach with A = Ā: between ``product_average``'s and naive averaging's. Needs equal ranks.
-    """
-    modules, per_client = _client_pairs(adapters)
-    w = normalise_weights(weights, len(adapters))
-    s = _scalings(scalings, len(adapters))
-    out_scaling = float(out_scaling)
-    if not math.isfinite(out_scaling) or out_scaling == 0:
-        raise ValueError(f"out_scaling must be finite and non-zero, got {out_scaling}")
-    if ridge < 0:
-        raise ValueError(f"ridge must be non-negative, got {ridge}")
-    coef = [float(wk) * sk for wk, sk in zip(w, s)]
-    out: dict[str, LoraPair] = {}
-    errors: dict[str, AggregationError] = {}
-    for m in modules:
-        if not _homogeneous(per_client, m):
-            raise ValueError(f"{m}: residual correction needs equal client ranks, got "
-                             f"{[pairs[m].rank for pairs in per_client]}")
-        Bs, As = _stacked(per_client, m, coef)
-        Bn = sum(float(wk) * pairs[m].B.double() for wk, pairs in zip(w, per_client))
-        An = sum(float(wk) * pairs[m].A.double() for wk, pairs in zip(w, per_client))
-        # (T − B̄Ā)Āᵀ computed through the factors: T Āᵀ = Bs (As Āᵀ) / out_scaling.
-        rhs = Bs @ (As @ An.T) / out_scaling - Bn @ (An @ An.T)
-        gram = An @ An.T + ridge * torch.eye(An.shape[0], dtype=torch.float64)
-        dB = rhs @ torch.linalg.pinv(gram, hermitian=True)
-        out[m] = LoraPair(An.to(dtype), (Bn + dB).to(dtype))
-        err = lowrank_fro(torch.cat([Bs, -out_scaling * out[m].B.double()], 1), torch.cat([As, out[m].A.double()], 0))
-        naive = lowrank_fro(torch.cat([Bs, -out_scaling * Bn], 1), torch.cat([As, An], 0))
-        S = lowrank_svd(Bs, As)[1]
-        errors[m] = AggregationError(m, An.shape[0], float(torch.linalg.vector_norm(S)), err, naive,
-                                     tuple(float(x) for x in S))
-    return ExactAggregate(join_pairs(out), out_scaling, AggregationReport(errors))
-
-
-# ---------------------------------------------------------------------------------------------
-# FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313)
-
-
-def ffa_sent_keys(keys: Iterable[str]) -> list[str]:
-    """The keys an FFA-LoRA client sends: its ``lora_B`` weights only (A is frozen and shared by seed).
-
-    Traffic falls to ``ffa_traffic_fraction`` of full LoRA: exactly half where in = out (q_proj,
-    o_proj), otherwise out / (in + out).
-    """
-    keys = list(keys)
-    for k in keys:
-        module_of(k)  # rejects non-LoRA keys
-    return sorted(k for k in keys if is_lora_b(k))
-
-
-def ffa_payload(adapter: Mapping[str, torch.Tensor]) -> AdapterState:
-    """The part of a client's adapter that FFA-LoRA sends (``lora_B`` only)."""
-    return {k: adapter[k] for k in ffa_sent_keys(adapter)}
-
-
-def ffa_traffic_fraction(shapes: Mapping[str, Sequence[int]]) -> float:
-    """Bytes sent under FFA-LoRA divided by bytes of the full adapter (same dtype)."""
-    total = sum(math.prod(s) for s in shapes.values())
-    sent = sum(math.prod(shapes[k]) for k in ffa_sent_keys(shapes))
-    return sent / total if total else 0.0
-
-
-def ffa_aggregate(
-    frozen: Mapping[str, torch.Tensor],
-    updates: Sequence[Mapping[str, torch.Tensor]],
-    weights: Sequence[Float] | None = None,
-    *,
-    atol: float = 0.0,
-) -> AdapterState:
-    """FFA-LoRA aggregation: ``B = Σ p_k B_k`` with every A frozen at ``frozen``'s value.
-
-    Exact: ``s · (Σ p_k B_k) A = Σ p_k s · B_k A`` because A is shared. ``frozen`` is the global
-    adapter (its ``lora_A`` tensors are the frozen A; its ``lora_B`` shapes are what updates must
-    match). Each update carries every ``lora_B`` key and may carry ``lora_A`` keys, which must
-    equal the frozen A (``|Δ| ≤ atol``, exact by default); anything else is a ValueError naming the
-    client and key. Returns a full adapter: the frozen A (cloned) and the averaged B.
-    """
-    pairs = split_pairs(frozen)
-    w = normalise_weights(weights, len(updates))
-    b_keys = [b_key(m) for m in pairs]
-    for i, up in enumerate(updates):
-        for k, t in up.items():
-            if k not in frozen:
-                raise ValueError(f"client {i}: unexpected key {k}")
-            if tuple(t.shape) != tuple(frozen[k].shape):
-                raise ValueError(f"client {i}: {k} has shape {tuple(t.shape)}, expected {tuple(frozen[k].shape)}")
-            if is_lora_a(k):
-                diff = float((t.double() - frozen[k].double()).abs().max()) if t.numel() else 0.0
-                if not diff <= atol:
-                    raise ValueError(f"client {i}: {k} differs from the frozen A by {diff:.3g} (> {atol}); "
-                                     "FFA-LoRA clients must not train lora_A")
-        missing = [k for k in b_keys if k not in up]
-        if missing:
-            raise ValueError(f"client {i}: missing {len(missing)} lora_B keys (e.g. {missing[0]})")
-    out: AdapterState = {}
-    for m, p in pairs.items():
-        out[a_key(m)] = p.A.clone()
-        stacked = torch.stack([up[b_key(m)].double() for up in updates])
-        out[b_key(m)] = torch.tensordot(w, stacked, dims=1).to(p.B.dtype)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976)
 
@@ -573,14 +409,14 @@ def flora_stack(
 
     With ``c_k = p_k s_k / out_scaling``: ``B = [c_1 B_1 | … | c_K B_K]`` (out × Σr_k) and
     ``A = [A_1; …; A_K]`` (Σr_k × in), so ``out_scaling · B A = Σ p_k s_k B_k A_k`` exactly; each
-    client keeps its own scaling ``s_k = alpha / r_k`` (pass ``client_scalings(adapters, alpha)``).
+    client keeps its own scaling ``s_k = alpha / r_k`` (``lora_scaling(alpha, r_k)``).
     Per FLoRA, the server sends the stacked adapter (traffic grows with Σ r_k), every client merges
     ``delta`` into its base weights and starts the next round from a fresh ``reinit_adapter``.
     ``out_scaling`` = 1.0 makes the stacked adapter carry the whole scaling in B; pass
     ``alpha / Σr_k`` to load it into a PEFT LoRA of rank Σ r_k with ``lora_alpha = alpha``.
     """
     modules, per_client = _client_pairs(adapters)
-    w = normalise_weights(weights, len(adapters))
+    w = _weights(weights, len(adapters))
     s = _scalings(scalings, len(adapters))
     out_scaling = float(out_scaling)
     if not math.isfinite(out_scaling) or out_scaling == 0:
@@ -616,12 +452,13 @@ def merge_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
 def reinit_adapter(shapes: Mapping[str, Sequence[int]], rank: int, seed: int, *, dtype: torch.dtype = torch.float32) -> AdapterState:
     """A fresh LoRA adapter of rank ``rank`` for the modules in ``shapes`` (PEFT keys -> shapes, any rank).
 
-    PEFT's default init: A ~ Kaiming-uniform(a = sqrt(5)), i.e. U(−1/sqrt(in), 1/sqrt(in)), B = 0,
-    so the adapter starts as the identity change. Drawn from a private generator seeded with
-    ``seed`` in sorted-key order (the same recipe as ``fedguard.model.lora.initial_adapter_state``,
-    which it equals when ``rank`` is the shapes' rank). FLoRA re-initialises every round: derive the
-    seed from the round so rounds differ but runs repeat.
+    ``fedguard.model.lora.initial_adapter_state`` at the new rank (PEFT's default init, A
+    Kaiming-uniform and B = 0, from a generator seeded with ``seed``), so it equals θ₀ when ``rank``
+    is the shapes' rank. FLoRA re-initialises every round: derive the seed from the round so rounds
+    differ but runs repeat.
     """
+    from fedguard.model.lora import initial_adapter_state  # model.lora imports this module
+
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
     modules: dict[str, tuple[int, int]] = {}
@@ -635,20 +472,10 @@ def reinit_adapter(shapes: Mapping[str, Sequence[int]], rank: int, seed: int, *,
         else:
             out = int(shape[0])
         modules[m] = (inn, out)
+    target: dict[str, tuple[int, ...]] = {}
     for m, (inn, out) in modules.items():
         if inn < 0 or out < 0:
             raise ValueError(f"{m}: shapes need both lora_A and lora_B")
-    target = {}
-    for m, (inn, out) in modules.items():
         target[a_key(m)] = (rank, inn)
         target[b_key(m)] = (out, rank)
-    g = torch.Generator().manual_seed(int(seed))
-    state: AdapterState = {}
-    for key in sorted(target):
-        t = torch.empty(target[key], dtype=torch.float32)
-        if is_lora_a(key):
-            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)
-        else:
-            t.zero_()
-        state[key] = t.to(dtype)
-    return state
+    return {k: t.to(dtype) for k, t in initial_adapter_state(target, seed).items()}

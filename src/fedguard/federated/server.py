@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from fedguard.aggregators.base import check_client_weights
+from fedguard.aggregators.base import counted_updates
 from fedguard.federated.aggregation import Aggregator
+from fedguard.federated.compression import state_nbytes
 from fedguard.federated.lora_exact import (
     adapter_ranks,
     flora_stack,
@@ -39,7 +40,7 @@ from fedguard.federated.lora_exact import (
 from fedguard.federated.transport import downlink_nbytes as wire_downlink_nbytes
 from fedguard.federated.transport import WireSpec, decode_update
 from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig, ServerState
-from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
+from fedguard.federated.validation import UpdateRejected, UpdateSpec, check_keys_are_names, validate_update
 from fedguard.seeding import derive_seed
 
 LORA_AGGREGATIONS = ("naive", "product", "flora")
@@ -122,6 +123,10 @@ class FederatedServer:
                 rejected[cid] = str(exc)
                 log.warning("round %d: rejected update from client %s (%s)", server_round, cid, exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - whatever a client sends, the round goes on
+                rejected[cid] = f"malformed: {type(exc).__name__}: {exc}"
+                log.warning("round %d: rejected malformed update from client %s (%r)", server_round, cid, exc)
+                continue
             seen.add(cid)
             accepted.append(u)
         verdicts, weights, skipped, report, meta = [], None, False, None, dict(state.meta)
@@ -159,6 +164,7 @@ class FederatedServer:
     def _rank_spec(spec: UpdateSpec, update: ClientUpdate) -> UpdateSpec:
         """FLoRA: the shapes of ``spec`` at the update's own rank (one rank for all modules, 1..r)."""
         tensors = update.tensors if isinstance(update.tensors, dict) else {}
+        check_keys_are_names(tensors)
         ranks = {int(t.shape[0]) for k, t in tensors.items()
                  if is_lora_a(k) and isinstance(t, torch.Tensor) and t.dim() == 2}
         r = max((s[0] for k, s in spec.shapes.items() if is_lora_a(k)), default=0)
@@ -172,29 +178,26 @@ class FederatedServer:
                state: ServerState) -> tuple[dict[str, Any] | None, int]:
         """Stack the accepted adapters (examples × defense weight), add Σ p_k s_k B_k A_k to the merged update;
         returns the round's report and the bytes of the stacked adapter clients fetch."""
-        weights = [u.num_examples * w for u, w in zip(updates, check_client_weights(client_weights, len(updates)))]
-        kept = [i for i, w in enumerate(weights) if w > 0]
-        if not kept:
+        counted = counted_updates(updates, client_weights)
+        if not counted:
             return None, 0
-        ranks = [set(adapter_ranks(updates[i].tensors).values()).pop() for i in kept]
-        agg = flora_stack([updates[i].tensors for i in kept], [weights[i] for i in kept],
+        ranks = [set(adapter_ranks(c.update.tensors).values()).pop() for c in counted]
+        agg = flora_stack([c.update.tensors for c in counted], [c.example_weight for c in counted],
                           scalings=[lora_scaling(self.lora_alpha, r) for r in ranks])
         for module, delta in agg.delta.items():
             key = FLORA_PREFIX + module
             previous = state.tensors.get(key)
             state.tensors[key] = delta.double() if previous is None else previous + delta.double()
         norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in agg.delta.values()))
-        report = {"method": "flora", "ranks": {updates[i].client_id: r for i, r in zip(kept, ranks)},
+        report = {"method": "flora", "ranks": {c.update.client_id: r for c, r in zip(counted, ranks)},
                   "stacked_rank": sum(ranks), "delta_norm": norm}
-        return report, sum(t.numel() * t.element_size() for t in agg.adapter.values())
+        return report, state_nbytes(agg.adapter)
 
     def _product_average(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
                          client_weights: Sequence[float] | None) -> tuple[AdapterState, dict[str, Any] | None]:
         """FedAvg's weights (examples × defense weight) on the products B_k A_k instead of on A and B."""
-        defense = check_client_weights(client_weights, len(updates))
-        weights = [u.num_examples * w for u, w in zip(updates, defense)]
-        kept = [i for i, w in enumerate(weights) if w > 0]
-        if not kept:  # every client weighted to zero: keep the global adapter, as every rule does
+        counted = counted_updates(updates, client_weights)
+        if not counted:  # every client weighted to zero: keep the global adapter, as every rule does
             return {k: v.clone() for k, v in global_adapter.items()}, None
         ranks = set(adapter_ranks(global_adapter).values())
         if len(ranks) != 1:
@@ -202,7 +205,7 @@ class FederatedServer:
         rank = ranks.pop()
         s = lora_scaling(self.lora_alpha, rank)
         # Unused directions get fresh A rows (B stays 0 there), seeded by round so a resumed run agrees.
-        agg = product_average([updates[i].tensors for i in kept], [weights[i] for i in kept],
+        agg = product_average([c.update.tensors for c in counted], [c.example_weight for c in counted],
                               scalings=s, out_scaling=s, rank=rank,
                               fill_seed=derive_seed(self.seed, "product-fill", server_round))
         rep = agg.report

@@ -43,7 +43,7 @@ from fedguard.federated.compression import (
     payload_to_bytes,
     state_nbytes,
 )
-from fedguard.federated.lora_exact import ffa_sent_keys
+from fedguard.federated.lora_exact import is_lora_b, module_of
 from fedguard.federated.types import AdapterState, ClientUpdate
 from fedguard.federated.validation import UpdateRejected
 from fedguard.model.lora import truncate_rank
@@ -74,7 +74,14 @@ class WireSpec:
         return build_codec(self.compression)
 
     def sent_keys(self, keys: Iterable[str]) -> list[str]:
-        return ffa_sent_keys(keys) if self.lora_b_only else sorted(keys)
+        """The keys that travel, sorted: all of them, or under FFA-LoRA the lora_B weights only
+        (out / (in + out) of a module's bytes: half for a square one)."""
+        keys = sorted(keys)
+        if not self.lora_b_only:
+            return keys
+        for k in keys:
+            module_of(k)  # ValueError for a key that is not a LoRA A/B weight
+        return [k for k in keys if is_lora_b(k)]
 
     def sent_view(self, adapter: Mapping[str, torch.Tensor]) -> AdapterState:
         """The part of ``adapter`` that travels (both ways): all of it, or its lora_B tensors."""
@@ -166,7 +173,8 @@ def decode_update(update: ClientUpdate, global_adapter: Mapping[str, torch.Tenso
                                                f"'{spec.compression.kind}' payload")
     if not isinstance(payload, (bytes, bytearray)):
         raise UpdateRejected("bad_payload", f"payload must be bytes, got {type(payload).__name__}")
-    if getattr(update, "tensors", None):
+    tensors = getattr(update, "tensors", None)
+    if tensors is not None and (not isinstance(tensors, dict) or tensors):
         raise UpdateRejected("bad_payload", "sent both a payload and plain tensors")
     if len(payload) > max_bytes:
         raise UpdateRejected("oversize", f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")

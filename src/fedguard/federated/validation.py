@@ -34,6 +34,17 @@ class UpdateSpec:
         return cls({k: tuple(t.shape) for k, t in adapter.items()}, dtypes.pop(), int(max_bytes))
 
 
+# Aggregation weights are float64 products of example counts: a count beyond 2**53 is not a count.
+MAX_NUM_EXAMPLES = 2**53
+
+
+def check_keys_are_names(tensors: dict) -> None:
+    """Tensor names must be strings before anything sorts or parses them."""
+    bad = [k for k in tensors if not isinstance(k, str)]
+    if bad:
+        raise UpdateRejected("wrong_keys", f"{len(bad)} tensor keys are not strings (e.g. {bad[0]!r})")
+
+
 def validate_update(update: ClientUpdate, spec: UpdateSpec) -> None:
     """Raise ``UpdateRejected`` unless the update matches ``spec`` exactly and is finite.
 
@@ -47,8 +58,13 @@ def validate_update(update: ClientUpdate, spec: UpdateSpec) -> None:
         raise UpdateRejected("wrong_encoding", "carries an undecoded payload")
     if not isinstance(update.tensors, dict):
         raise UpdateRejected("bad_payload", f"tensors must be a dict, got {type(update.tensors).__name__}")
-    if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) or update.num_examples <= 0:
-        raise UpdateRejected("bad_num_examples", f"num_examples must be a positive integer, got {update.num_examples!r}")
+    if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int) \
+            or not 0 < update.num_examples <= MAX_NUM_EXAMPLES:
+        raise UpdateRejected("bad_num_examples", f"num_examples must be an integer in 1..{MAX_NUM_EXAMPLES}, "
+                                                 f"got {update.num_examples!r}")
+    if not isinstance(update.metrics, dict):
+        raise UpdateRejected("bad_metrics", f"metrics must be a dict, got {type(update.metrics).__name__}")
+    check_keys_are_names(update.tensors)
     keys = set(update.tensors)
     missing, extra = sorted(set(spec.shapes) - keys), sorted(keys - set(spec.shapes))
     if missing or extra:
