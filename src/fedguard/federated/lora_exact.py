@@ -302,6 +302,17 @@ def _homogeneous(per_client: list[dict[str, LoraPair]], module: str) -> bool:
     return len({pairs[module].rank for pairs in per_client}) == 1
 
 
+def _weighted_pairs(adapters, weights, scalings, out_scaling):
+    """Each client's (A, B) per module, its weight p_k and coefficient p_k · s_k; ``out_scaling`` checked."""
+    modules, per_client = _client_pairs(adapters)
+    w = _weights(weights, len(adapters))
+    s = _scalings(scalings, len(adapters))
+    out_scaling = float(out_scaling)
+    if not math.isfinite(out_scaling) or out_scaling == 0:
+        raise ValueError(f"out_scaling must be finite and non-zero, got {out_scaling}")
+    return modules, per_client, w, [float(wk) * sk for wk, sk in zip(w, s)], out_scaling
+
+
 def product_average(
     adapters: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[Float] | None = None,
@@ -333,13 +344,7 @@ def product_average(
     clients share a rank. ``out_scaling`` must be the scaling the new adapter runs with (PEFT:
     ``alpha / rank``); it is not inferred, so that mixed ranks cannot silently mis-scale.
     """
-    modules, per_client = _client_pairs(adapters)
-    w = _weights(weights, len(adapters))
-    s = _scalings(scalings, len(adapters))
-    out_scaling = float(out_scaling)
-    if not math.isfinite(out_scaling) or out_scaling == 0:
-        raise ValueError(f"out_scaling must be finite and non-zero, got {out_scaling}")
-    coef = [float(wk) * sk for wk, sk in zip(w, s)]
+    modules, per_client, w, coef, out_scaling = _weighted_pairs(adapters, weights, scalings, out_scaling)
     g = torch.Generator().manual_seed(int(fill_seed)) if fill_seed is not None else None
     out: dict[str, LoraPair] = {}
     errors: dict[str, AggregationError] = {}
@@ -415,13 +420,7 @@ def flora_stack(
     ``out_scaling`` = 1.0 makes the stacked adapter carry the whole scaling in B; pass
     ``alpha / Σr_k`` to load it into a PEFT LoRA of rank Σ r_k with ``lora_alpha = alpha``.
     """
-    modules, per_client = _client_pairs(adapters)
-    w = _weights(weights, len(adapters))
-    s = _scalings(scalings, len(adapters))
-    out_scaling = float(out_scaling)
-    if not math.isfinite(out_scaling) or out_scaling == 0:
-        raise ValueError(f"out_scaling must be finite and non-zero, got {out_scaling}")
-    coef = [float(wk) * sk for wk, sk in zip(w, s)]
+    modules, per_client, _, coef, out_scaling = _weighted_pairs(adapters, weights, scalings, out_scaling)
     stacked: dict[str, LoraPair] = {}
     delta: dict[str, torch.Tensor] = {}
     for m in modules:
