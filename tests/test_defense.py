@@ -56,8 +56,11 @@ def test_probe_artifact_round_trip_and_mismatch_refusal(shadow_run, tmp_path):
     from fedguard.defenses.build import default_probe_dir
 
     cfg, result = shadow_run
-    probe_dirs = list((Path(os.environ["FEDGUARD_CACHE"]) / "probes").iterdir())
-    probe = LoRAProbe.load(next(d for d in probe_dirs if (d / "probe.json").is_file()))
+    # The run found its probe where the cache key of its own config points (the cache may hold others).
+    probe_dirs = [d for d in (Path(os.environ["FEDGUARD_CACHE"]) / "probes").iterdir() if (d / "probe.json").is_file()]
+    own = [d for d in probe_dirs if default_probe_dir(LoRAProbe.load(d).compat, cfg) == d]
+    assert len(own) == 1
+    probe = LoRAProbe.load(own[0])
     assert probe.metrics["auroc"] > 0.95 and probe.spec.selection == "first_B"
     copy = probe.save(tmp_path / "p")
     again = LoRAProbe.load(copy, expect=probe.compat)
@@ -70,8 +73,6 @@ def test_probe_artifact_round_trip_and_mismatch_refusal(shadow_run, tmp_path):
         LoRAProbe.load(copy, expect=other)
     assert "lora.r: probe built for 4, this run has 16" in str(err.value) and "lora.init_seed" in str(err.value)
     assert not (tmp_path / "p" / "probe.pkl").exists() and (tmp_path / "p" / "probe.safetensors").is_file()
-    # the run found its probe where the cache key of its own config points
-    assert any(default_probe_dir(LoRAProbe.load(d).compat, cfg) == d for d in probe_dirs if (d / "probe.json").is_file())
 
 
 def _toy_probe():
