@@ -63,7 +63,7 @@ class RoundOutcome:
     rejected: dict[str, str] = field(default_factory=dict)  # client id -> reason
     verdicts: list = field(default_factory=list)  # defense verdicts of the accepted updates
     skipped: bool = False  # the defense kept the global adapter unchanged
-    # product averaging: overall relative errors against the exact mean (None otherwise)
+    # product averaging: relative errors against the exact mean; FLoRA: ranks and merged norm (None otherwise)
     lora_aggregation: dict[str, Any] | None = None
 
 

@@ -122,7 +122,8 @@ def _run_parallel(todo: list[tuple[ExperimentConfig, Path]], jobs: int, quiet: b
 
     from fedguard.simulation.runner import ensure_probe, needs_probe
 
-    # Cells differ only in attack, ratio and level, so they share one probe: build it once, here,
+    # Cells differ only in attack, ratio, level and aggregator, none of which the probe depends on, so
+    # they share one probe: build it once, here,
     # before the workers look for it in the cache.
     first = next((c for c, _ in todo if needs_probe(c)), None)
     if first is not None:
