@@ -157,7 +157,7 @@ def test_flora_server_stacks_clients_of_different_ranks_exactly():
     a, b = _pairs(1, r=1), _pairs(2, r=3)
     server = FederatedServer(FedAvg(), 1 << 20, lora_aggregation="flora", lora_alpha=6)
     state = ServerState()
-    assert server.downlink_nbytes(glob, state) == 0  # round 1: nothing merged yet
+    assert server.downlink_nbytes(glob, state, "a") == 0  # round 1: nothing merged yet
     too_big, mixed = _pairs(3, r=4), {**_pairs(4, r=2), "m.lora_B.weight": torch.zeros(5, 3)}
     out = server.aggregate_round(1, glob, [ClientUpdate("a", a, 1), ClientUpdate("b", b, 3),
                                            ClientUpdate("c", too_big, 1), ClientUpdate("d", mixed, 1)], state)
@@ -167,11 +167,19 @@ def test_flora_server_stacks_clients_of_different_ranks_exactly():
                 for p, u in ((0.25, a), (0.75, b)))
     assert torch.allclose(flora_merged(out.state)["m"], exact, atol=1e-12)
     assert all(torch.equal(out.global_adapter[k], glob[k]) for k in glob)
-    assert server.downlink_nbytes(glob, out.state) == 4 * (1 + 3) * (6 + 5)  # the stacked rank-4 adapter
+    # The stacked rank-4 adapter in fp32 is larger than the dense 5 x 6 ΔW here, so a client fetches that.
+    stack1, dense = 4 * (1 + 3) * (6 + 5), 4 * 6 * 5
+    assert server.downlink_nbytes(glob, out.state, "a") == min(stack1, dense) == dense
     assert out.lora_aggregation["ranks"] == {"a": 1, "b": 3} and out.lora_aggregation["stacked_rank"] == 4
     again = server.aggregate_round(2, glob, [ClientUpdate("a", a, 1)], out.state)
     a_alone = 6 * (a["m.lora_B.weight"] @ a["m.lora_A.weight"]).double()
     assert torch.allclose(flora_merged(again.state)["m"], exact + a_alone)
+    # Next round a fetches only round 2's rank-1 stack (smaller than the dense ΔW); b sat round 2 out and
+    # needs both stacks, or the dense ΔW, whichever is smaller; so does a client that never took part.
+    stack2 = 4 * 1 * (6 + 5)
+    assert server.downlink_nbytes(glob, again.state, "a") == stack2 < dense
+    assert server.downlink_nbytes(glob, again.state, "b") == min(stack1 + stack2, dense)
+    assert server.downlink_nbytes(glob, again.state, "new") == min(stack1 + stack2, dense)
 
 
 def _flora_config(rounds):

@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   fedguard run configs/default.yaml --set federation.rounds=5 --set train.lr=1e-4
   fedguard resume runs/default-20261122-101500
   fedguard show-config configs/tiny.yaml --set lora.r=16
+  fedguard sweep configs/default.yaml
+  fedguard aggregator-study configs/aggregator-study.yaml
 """
 
 
@@ -65,6 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=Path, default=None, help="sweep folder (default: OUTPUT_DIR/NAME-sweep)")
     sw.add_argument("--report-only", action="store_true", help="report the finished cells; run nothing")
     sw.add_argument("--quiet", action="store_true")
+
+    st = sub.add_parser("aggregator-study", help="every aggregation rule on the same one-round client updates",
+                        description="Per scenario (ATTACK@BENIGN:MALICIOUS) every client trains once from the base "
+                                    "adapter; each rule, the LoRA-Probe client level and the benign-only reference "
+                                    "aggregate those same updates and are evaluated. Then wire formats vs utility on "
+                                    "the all-benign federation. Writes study.md (tables + plots); rows already "
+                                    "measured in --out are reused.")
+    st.add_argument("config")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    st.add_argument("--scenarios", default=None,
+                    help="comma-separated ATTACK@BENIGN:MALICIOUS (default: aggregator_study.scenarios)")
+    st.add_argument("--aggregators", default=None, help="comma-separated rules (default: aggregator_study.aggregators)")
+    st.add_argument("--codecs", default=None, help="comma-separated wire formats, '' for none "
+                                                   "(default: aggregator_study.codecs)")
+    st.add_argument("--out", type=Path, default=None, help="study folder (default: OUTPUT_DIR/NAME)")
+    st.add_argument("--quiet", action="store_true")
 
     probe = sub.add_parser("probe", help="LoRA-Probe commands (build)")
     probe_sub = probe.add_subparsers(dest="probe_command", metavar="PROBE_COMMAND")
@@ -142,6 +160,19 @@ def main(argv: list[str] | None = None) -> int:
             report = run_sweep(cfg, ratios, levels, out, quiet=args.quiet, attacks=attacks, jobs=args.jobs, aggregators=aggregators,
                                report_only=args.report_only)
             print(f"sweep report: {report}")
+            return 0
+        if args.command == "aggregator-study":
+            from fedguard.simulation.aggregator_study import run_aggregator_study
+
+            cfg = load_config(args.config, args.overrides)
+
+            def given(flag: str | None) -> list[str] | None:
+                return None if flag is None else [x.strip() for x in flag.split(",") if x.strip()]
+
+            out = args.out or Path(cfg.output_dir) / cfg.name
+            report = run_aggregator_study(cfg, out, quiet=args.quiet, scenarios=given(args.scenarios),
+                                          aggregators=given(args.aggregators), codecs=given(args.codecs))
+            print(f"study report: {report}")
             return 0
         if args.command == "probe":
             if args.probe_command != "build":

@@ -342,6 +342,47 @@ class SweepConfig(_Section):
         return v
 
 
+ROBUST_AGGREGATORS = ["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "geomed", "norm_clip",
+                      "flame", "foolsgold", "dnc", "residual", "lasa"]
+
+
+class AggregatorStudyConfig(_Section):
+    """What ``fedguard aggregator-study`` compares: every rule on the very same one-round client updates."""
+
+    scenarios: list[str] = Field(
+        default_factory=lambda: ["data_poisoning@7:3", "data_poisoning@5:5", "scaling@7:3", "sign_flip@7:3",
+                                 "norm_matched@7:3"],
+        description="ATTACK@BENIGN:MALICIOUS, e.g. data_poisoning@7:3")
+    aggregators: list[AggregatorName] = Field(default_factory=lambda: list(ROBUST_AGGREGATORS))
+    probe_level: bool = Field(default=True, description="add FedAvg weighted by the LoRA-Probe's client level")
+    codecs: list[CompressionKind] = Field(
+        default_factory=lambda: ["none", "fp16", "int8", "int8_block", "topk"],
+        description="wire formats compared on the all-benign federation (bytes vs utility)")
+    product: bool = Field(default=True, description="add exact product averaging to the all-benign comparison")
+
+    @field_validator("scenarios")
+    @classmethod
+    def _scenarios(cls, v: list[str]) -> list[str]:
+        kinds = set(get_args(AttackConfig.model_fields["kind"].annotation))
+        for s in v:
+            attack, _, ratio = s.partition("@")
+            parts = ratio.split(":")
+            if attack not in kinds or len(parts) != 2 or not all(p.strip().isdigit() for p in parts) \
+                    or sum(int(p) for p in parts) == 0:
+                raise ValueError(f"scenario '{s}' must look like ATTACK@BENIGN:MALICIOUS with ATTACK one of "
+                                 f"{sorted(kinds)}, e.g. data_poisoning@7:3")
+        if len(set(v)) != len(v):
+            raise ValueError("scenarios must be distinct")
+        return v
+
+    @field_validator("aggregators", "codecs")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"the entries must be distinct, got {v}")
+        return v
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 2023
@@ -359,6 +400,7 @@ class ExperimentConfig(_Section):
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     probe: ProbeBuildConfig = Field(default_factory=ProbeBuildConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    aggregator_study: AggregatorStudyConfig = Field(default_factory=AggregatorStudyConfig)
 
     @field_validator("name")
     @classmethod
@@ -461,6 +503,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[path[-1]] = value
     return raw
+
+
+def differing_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields in which two dumped configs differ, sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in differing_fields(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:

@@ -101,6 +101,11 @@ class Aggregator(ABC):
     """A server aggregation rule, chosen by ``name`` in the config (``server.aggregator``)."""
 
     name: ClassVar[str]
+    # After ``aggregate``, for rules that screen clients: each counted client's id -> the share in [0, 1]
+    # in which it counted (1 kept, 0 screened out), so a simulation can score the rule against ground
+    # truth. None for rules that do not screen (mean, median, trimmed mean, geomed, norm clipping,
+    # residual, the optimisers), and when every defense weight is 0; a client weighted 0 is not in it.
+    screening: dict[str, float] | None = None
 
     @classmethod
     def from_config(cls, server: ServerConfig, seed: int) -> Aggregator:
@@ -114,6 +119,7 @@ class Aggregator(ABC):
     def aggregate(self, global_adapter: AdapterState, updates: Sequence[ClientUpdate], state: ServerState,
                   client_weights: Sequence[float] | None = None) -> AdapterState:
         """New global adapter from at least one validated update; see the module doc for ``client_weights``."""
+        self.screening = None  # a screening rule sets it in combine; never last round's
         if not updates:
             raise ValueError("aggregation needs at least one update")
         counted = counted_updates(updates, client_weights)
@@ -137,6 +143,16 @@ class Aggregator(ABC):
     @abstractmethod
     def combine(self, batch: ClientDeltas, state: ServerState) -> torch.Tensor:
         """The aggregated delta [d] (float64) of the clients in ``batch``; may update ``state.tensors``."""
+
+    def record_shares(self, batch: ClientDeltas, shares: torch.Tensor | Sequence[float]) -> None:
+        """``screening`` from one share in [0, 1] per client of ``batch``, in batch order."""
+        values = torch.as_tensor(shares, dtype=torch.float64).reshape(-1).tolist()
+        self.screening = dict(zip(batch.client_ids, values, strict=True))
+
+    def record_kept(self, batch: ClientDeltas, kept: Sequence[int] | torch.Tensor) -> None:
+        """``screening`` of a rule that keeps the rows ``kept`` of ``batch`` whole and drops the rest."""
+        rows = {int(i) for i in torch.as_tensor(kept, dtype=torch.long).reshape(-1)}
+        self.record_shares(batch, [1.0 if i in rows else 0.0 for i in range(batch.n)])
 
 
 @dataclass(frozen=True)

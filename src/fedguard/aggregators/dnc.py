@@ -53,6 +53,7 @@ class DnC(Aggregator):
         f = admissible_attackers(self.name, self.f, n, largest_f, "DnC must keep at least one update")
         dropped = math.ceil(self.filter_frac * f - 1e-9)
         if dropped == 0:
+            self.record_kept(batch, range(n))
             return weighted_average(batch.deltas, batch.weights)
         kept_count: Counter[int] = Counter()
         for iteration in range(self.iterations):
@@ -67,4 +68,5 @@ class DnC(Aggregator):
             log.warning("dnc: no update survived all %d iterations; averaging those kept %d times",
                         self.iterations, most)
         kept = sorted(i for i, c in kept_count.items() if c == most)
+        self.record_kept(batch, kept)
         return weighted_average(batch.deltas[kept], batch.weights[kept])

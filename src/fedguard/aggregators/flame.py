@@ -65,6 +65,7 @@ class Flame(Aggregator):
     def combine(self, batch, state):
         bound = median_norm(batch.deltas)
         kept = majority_cluster(batch.deltas, self.cluster_input)
+        self.record_kept(batch, kept)
         delta = weighted_average(clip_rows(batch.deltas[kept], bound), batch.weights[kept])
         sigma = self.noise * bound
         if sigma > 0:

@@ -71,6 +71,7 @@ class FoolsGold(Aggregator):
     def combine(self, batch, state):
         features = self.accumulate(batch, state) if self.history else batch.deltas
         alpha = foolsgold_weights(features, self.confidence)
+        self.record_shares(batch, alpha)  # α is how much of its delta each client adds
         if float(alpha.max()) == 0.0:
             log.warning("foolsgold: every client got learning rate 0; the global adapter is unchanged")
         return weighted_average(batch.deltas * alpha[:, None], batch.weights)

@@ -62,15 +62,19 @@ class Krum(Aggregator):
     def combine(self, batch, state):
         if batch.n < 3:
             log.warning("krum: %d update(s) cannot be ranked; using their weighted mean", batch.n)
+            self.record_kept(batch, range(batch.n))
             return weighted_average(batch.deltas, batch.weights)
         f = krum_attackers(self.f, batch.n)
         distances = pairwise_distances(batch.deltas)
         if not self.neighbourhood_mean:
-            return batch.deltas[int(krum_ranking(distances.square(), f)[0])].clone()
+            best = int(krum_ranking(distances.square(), f)[0])
+            self.record_kept(batch, [best])
+            return batch.deltas[best].clone()
         nearest = distances.sort(dim=1)  # column 0 is the update itself
         k = batch.n - f - 1
         best = int(torch.argmin(nearest.values[:, : k + 1].sum(dim=1)))
         group = nearest.indices[best, : k + 1]
+        self.record_kept(batch, group)
         return weighted_average(batch.deltas[group], batch.weights[group])
 
 
@@ -94,10 +98,12 @@ class MultiKrum(Aggregator):
     def combine(self, batch, state):
         if batch.n < 3:
             log.warning("multikrum: %d update(s) cannot be ranked; using their weighted mean", batch.n)
+            self.record_kept(batch, range(batch.n))
             return weighted_average(batch.deltas, batch.weights)
         f = krum_attackers(self.f, batch.n)
         m = min(self.selected or batch.n - f, batch.n)
         chosen = krum_ranking(pairwise_distances(batch.deltas).square(), f)[:m]
+        self.record_kept(batch, chosen)
         return weighted_average(batch.deltas[chosen], batch.weights[chosen])
 
 
@@ -124,6 +130,7 @@ class Bulyan(Aggregator):
         pool, picked = list(range(n)), []
         while len(picked) < n - 2 * f:
             picked.append(pool.pop(int(krum_ranking(squared[pool][:, pool], f)[0])))
+        self.record_kept(batch, picked)  # the coordinate-wise trimming after it screens values, not clients
         chosen: ClientDeltas = batch.subset(picked)
         beta = chosen.n - 2 * f
         median = weighted_median(chosen.deltas, torch.ones(chosen.n, dtype=torch.float64))

@@ -60,10 +60,14 @@ class Lasa(Aggregator):
     def combine(self, batch, state):
         rows = sparsify(clip_rows(batch.deltas, median_norm(batch.deltas)), self.sparsity)
         out = torch.zeros(batch.layout.size, dtype=torch.float64)
-        for columns in batch.layout.slices().values():
+        layers = batch.layout.slices().values()
+        chosen_in = torch.zeros(batch.n, dtype=torch.float64)  # per client, the layers it was chosen in
+        for columns in layers:
             layer = rows[:, columns]
             passes = mz_screen(layer.norm(dim=1), self.lambda_n) & \
                 mz_screen(sign_purity(layer, self.sparsity), self.lambda_s)
             chosen = passes.nonzero().flatten() if bool(passes.any()) else torch.arange(batch.n)
+            chosen_in[chosen] += 1
             out[columns] = weighted_average(layer[chosen], batch.weights[chosen])
+        self.record_shares(batch, chosen_in / len(layers))  # LASA screens per layer: the share of layers
         return out

@@ -45,7 +45,10 @@ from fedguard.seeding import derive_seed
 
 LORA_AGGREGATIONS = ("naive", "product", "flora")
 FLORA_PREFIX = "flora/"  # ServerState.tensors keys of FLoRA's merged update, per module
-FLORA_DOWNLINK = "flora_downlink_bytes"  # ServerState.meta: size of the stacked adapter clients fetch next
+# ServerState.meta under FLoRA: the bytes of each round's stacked adapter, and per client how many of those
+# stacks it has fetched and merged (a client that sat out rounds fetches every stack it missed).
+FLORA_STACKS = "flora_stack_bytes"
+FLORA_SYNCED = "flora_synced"
 
 
 def flora_merged(state: ServerState) -> dict[str, torch.Tensor]:
@@ -65,6 +68,9 @@ class RoundOutcome:
     skipped: bool = False  # the defense kept the global adapter unchanged
     # product averaging: relative errors against the exact mean; FLoRA: ranks and merged norm (None otherwise)
     lora_aggregation: dict[str, Any] | None = None
+    # naive aggregation by a rule that screens clients: client id -> share in which it counted (1 kept,
+    # 0 screened out), see ``Aggregator.screening``; None otherwise
+    screening: dict[str, float] | None = None
 
 
 class FederatedServer:
@@ -93,12 +99,16 @@ class FederatedServer:
             return base
         return replace(base, **self.defense.client_requests(base.server_round, client_id))
 
-    def downlink_nbytes(self, global_adapter: AdapterState, state: ServerState) -> int:
-        """Bytes each client fetches at the start of a round: the global tensors it needs, or under
-        FLoRA the previous round's stacked adapter (nothing in round 1)."""
-        if self.lora_aggregation == "flora":
-            return int(state.meta.get(FLORA_DOWNLINK, 0))
-        return wire_downlink_nbytes(global_adapter, self.wire)
+    def downlink_nbytes(self, global_adapter: AdapterState, state: ServerState, client_id: str) -> int:
+        """Bytes ``client_id`` fetches at the start of a round: the global tensors it needs, or under FLoRA
+        the stacked adapters of the rounds it has not merged yet (nothing in round 1), or the dense merged
+        update in fp32 where that is smaller."""
+        if self.lora_aggregation != "flora":
+            return wire_downlink_nbytes(global_adapter, self.wire)
+        stacks = state.meta.get(FLORA_STACKS, [])
+        missed = sum(stacks[int(state.meta.get(FLORA_SYNCED, {}).get(str(client_id), 0)):])
+        dense = sum(4 * d.numel() for d in flora_merged(state).values())
+        return int(min(missed, dense))
 
     def restore(self, state: ServerState) -> None:
         """Bring stateful server components back to a checkpointed state."""
@@ -129,7 +139,7 @@ class FederatedServer:
                 continue
             seen.add(cid)
             accepted.append(u)
-        verdicts, weights, skipped, report, meta = [], None, False, None, dict(state.meta)
+        verdicts, weights, skipped, report, meta, screening = [], None, False, None, dict(state.meta), None
         if accepted and self.defense is not None:
             # The defense judges whole adapters: under FFA-LoRA the frozen A is filled in (its delta is 0).
             whole = [replace(u, tensors=self.wire.full_view(u.tensors, global_adapter)) for u in accepted]
@@ -142,13 +152,18 @@ class FederatedServer:
             new_global, report = self._product_average(server_round, global_adapter, accepted, weights)
         elif self.lora_aggregation == "flora":
             merged = accepted if not skipped else []
-            # What clients fetch next round: this round's stacked adapter (nothing if nothing merged).
-            report, meta[FLORA_DOWNLINK] = self._flora(merged, weights if merged else None, state)
+            # Every client that took part fetched the stacks so far; this round's stack is fetched later.
+            stacks = list(meta.get(FLORA_STACKS, []))
+            meta[FLORA_SYNCED] = {**meta.get(FLORA_SYNCED, {}),
+                                  **{str(getattr(u, "client_id", "?")): len(stacks) for u in updates}}
+            report, stack_bytes = self._flora(merged, weights if merged else None, state)
+            meta[FLORA_STACKS] = stacks + [stack_bytes]
             new_global = {k: v.clone() for k, v in global_adapter.items()}
             if not accepted:
                 log.warning("round %d: no valid update; nothing merged", server_round)
         elif accepted and not skipped:
             new_sent = self.aggregator.aggregate(sent_global, accepted, state, client_weights=weights)
+            screening = self.aggregator.screening
             new_global = {k: t.clone() for k, t in self.wire.full_view(new_sent, global_adapter).items()}
         else:
             if not accepted:
@@ -158,7 +173,7 @@ class FederatedServer:
             meta["defense"] = self.defense.state_dict()
         new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
         return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped,
-                            report)
+                            report, screening)
 
     @staticmethod
     def _rank_spec(spec: UpdateSpec, update: ClientUpdate) -> UpdateSpec:

@@ -7,23 +7,13 @@ from typing import Any
 
 from fedguard.config import ExperimentConfig
 from fedguard.io import atomic_write_bytes, atomic_write_text
-
-
-def _figure_bytes(fig) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+from fedguard.reporting.figures import png_bytes, pyplot
 
 
 def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    plt = pyplot()
     rounds = [r for r in records if r.get("round", 0) > 0]
     evals = [r for r in records if "eval" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -61,19 +51,14 @@ def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    data = _figure_bytes(fig)
-    plt.close(fig)
-    return data
+    return png_bytes(fig)
 
 
 def plot_defense(records: list[dict[str, Any]], title: str) -> bytes | None:
     """Each client's defense weight per round; malicious clients (ground truth) in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    plt = pyplot()
     rounds = [r for r in records if "defense" in r]
     if not rounds:
         return None
@@ -96,9 +81,7 @@ def plot_defense(records: list[dict[str, Any]], title: str) -> bytes | None:
     ax.set_title(title, fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    data = _figure_bytes(fig)
-    plt.close(fig)
-    return data
+    return png_bytes(fig)
 
 
 def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
@@ -121,6 +104,22 @@ def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
             cells.append(f"{'⚠' if v['client_id'] in bad else ''}{v['client_id']}: {v['weight']:.2f} ({p})")
         lines.append(f"| {r['round']} | {'yes' if d['skipped'] else 'no'} | {_fmt(det.get('tpr'))} | "
                      f"{_fmt(det.get('fpr'))} | {_fmt(det.get('auroc'))} | {'; '.join(cells)} |")
+    return lines
+
+
+def _screening_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
+    """Which clients a screening rule (Krum, FLAME, DnC, ...) let count each round, scored against ground truth."""
+    rounds = [r for r in records if "screening" in r]
+    if not rounds:
+        return []
+    lines = ["", f"## Screening by `{cfg.server.aggregator}`", "",
+             "Share of the aggregate each client counted for (0 = screened out); TPR / FPR: malicious / benign "
+             "clients screened out (share < 0.5), from the simulation's ground truth.", "",
+             "| round | TPR | FPR | client: share — ⚠ = malicious |", "|---:|---:|---:|---|"]
+    for r in rounds:
+        det, bad = r["screening"].get("detection") or {}, {str(c) for c in r.get("malicious_sampled", [])}
+        cells = [f"{'⚠' if c in bad else ''}{c}: {v:.2f}" for c, v in r["screening"]["kept"].items()]
+        lines.append(f"| {r['round']} | {_fmt(det.get('tpr'))} | {_fmt(det.get('fpr'))} | {'; '.join(cells)} |")
     return lines
 
 
@@ -242,6 +241,7 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
         atomic_write_bytes(run_dir / "plots" / "defense.png", defense_png)
     lines += _communication_section(cfg, records, final)
     lines += _defense_section(cfg, records)
+    lines += _screening_section(cfg, records)
     evals = [r for r in records if "eval" in r]
     if evals:
         for key, title in (("harmful_samples", "Responses to held-out harmful prompts"),

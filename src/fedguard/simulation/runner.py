@@ -69,19 +69,20 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return build_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
-class _RunLog:
-    """Log to the run directory (always) and to the console (rich)."""
+class RunLog:
+    """Log to a file in the run directory (always) and to the console (rich) unless told not to."""
 
-    def __init__(self, run_dir: Path, console=None):
+    def __init__(self, run_dir: Path, console=None, file_name: str = "run.log", console_output: bool = True):
         from rich.logging import RichHandler
 
         self.handlers: list[logging.Handler] = []
-        fh = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+        fh = logging.FileHandler(run_dir / file_name, encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.handlers.append(fh)
-        rh = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
-        rh.setFormatter(logging.Formatter("%(message)s"))
-        self.handlers.append(rh)
+        if console_output:
+            rh = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+            rh.setFormatter(logging.Formatter("%(message)s"))
+            self.handlers.append(rh)
         self.logger = logging.getLogger("fedguard")
         self.previous_level = self.logger.level
         self.logger.setLevel(logging.INFO)
@@ -120,7 +121,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
     if not resume:
         atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
     progress = RunProgress(cfg.federation.rounds, disable=quiet)
-    runlog = _RunLog(run_dir, progress.console)
+    runlog = RunLog(run_dir, progress.console)
     try:
         with progress:
             return _run(cfg, run_dir, resume, stop_after_round, progress)
@@ -137,7 +138,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     clients = build_client_data(cfg, loaded.tokenizer)
     eval_data = build_eval_data(cfg, loaded.tokenizer)
     trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
-    defense, probe = _build_defense(cfg, loaded, trainer, theta0, progress)
+    defense, probe = build_defense(cfg, loaded, trainer, theta0, progress)
     if cfg.attack.probe:  # the attacker may know another probe than the server's
         from fedguard.defenses.probe import LoRAProbe
 
@@ -201,7 +202,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         sampled = sample_clients(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed, server_round)
         progress.start_round(server_round, len(sampled) * steps_per_client)
         updates, messages, send_failed = [], [], {}
-        down = server.downlink_nbytes(global_adapter, state)  # what every sampled client receives
+        # what each sampled client fetches before training (FLoRA: the stacks it has not merged yet)
+        down = {str(cid): server.downlink_nbytes(global_adapter, state, str(cid)) for cid in sampled}
         for k, cid in enumerate(sampled):
             progress.status(f"round {server_round}/{total_rounds} · client {cid} ({k + 1}/{len(sampled)})")
             rc_client = server.client_config(rc, str(cid))
@@ -227,7 +229,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         global_adapter, state = outcome.global_adapter, outcome.state
         if flora:  # every client merges the stacked adapter; on one resident model that is one merge
             _merge_into_base(slot, base0, state)
-        traffic = {u.client_id: {"up": 0, "up_header": 0, "down": down, "defense": 0} for u in updates}
+        traffic = {u.client_id: {"up": 0, "up_header": 0, "down": down[u.client_id], "defense": 0} for u in updates}
         for m in messages:
             traffic[m.client_id].update(up=uplink_nbytes(m), up_header=uplink_header_nbytes(m),
                                         defense=attachment_nbytes(m))
@@ -257,6 +259,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         if defense is not None:
             record["defense"] = {"skipped": outcome.skipped, "verdicts": [v.to_json() for v in outcome.verdicts],
                                  "detection": detection_summary(outcome.verdicts, population)}
+        if outcome.screening is not None:  # what the aggregation rule itself let count
+            record["screening"] = {"kept": outcome.screening,
+                                   "detection": screening_summary(outcome.screening, population)}
         if _eval_due(cfg, server_round):
             progress.status(f"round {server_round}/{total_rounds} · evaluating")
             record["eval"] = evaluator.evaluate(global_adapter)
@@ -339,7 +344,7 @@ def ensure_probe(cfg: ExperimentConfig) -> Path | None:
     return _probe_dir(cfg, loaded, trainer, theta0)[0]
 
 
-def _build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
+def build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
     """The probe defense of ``cfg.defense`` (None for level 'none') and its probe.
 
     The probe is also loaded (built if needed) when a probe-aware attacker has none of its own."""
@@ -372,6 +377,23 @@ def detection_summary(verdicts, population) -> dict[str, Any]:
     out: dict[str, Any] = {"tpr": flagged["recall"], "fpr": flagged["fpr"]}
     if 0 < sum(truth) < len(truth):
         out["auroc"] = detection_metrics(truth, [v.suspicion for v in verdicts], 0.5)["auroc"]
+    return out
+
+
+def screening_summary(screening: dict[str, float] | None, population) -> dict[str, Any]:
+    """TPR, FPR and AUROC of what a robust aggregation rule let count, against ground truth.
+
+    A client counts as screened out when its share is below 0.5; AUROC ranks by 1 − share."""
+    if not screening:
+        return {}
+    from fedguard.defenses.probe import detection_metrics
+
+    truth = [int(population.is_malicious(c)) for c in screening]
+    shares = list(screening.values())
+    screened = detection_metrics(truth, [float(s < 0.5) for s in shares], 0.5)
+    out: dict[str, Any] = {"tpr": screened["recall"], "fpr": screened["fpr"]}
+    if 0 < sum(truth) < len(truth):
+        out["auroc"] = detection_metrics(truth, [1.0 - s for s in shares], 0.5)["auroc"]
     return out
 
 

@@ -13,8 +13,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fedguard.config import ConfigError, ExperimentConfig, build_config
+from fedguard.config import ConfigError, ExperimentConfig, build_config, differing_fields
 from fedguard.io import atomic_write_bytes, atomic_write_text, read_ndjson
+from fedguard.reporting.figures import png_bytes, pyplot
 from fedguard.simulation.runner import CONFIG_FILE, FINAL_METRICS_FILE, METRICS_FILE, load_run_config, run_experiment
 
 
@@ -34,7 +35,8 @@ def cell_config(base: ExperimentConfig, ratio: str, level: str, attack: str | No
     """One cell of the grid; ``attack`` (an attack kind) and ``aggregator`` also go into the run's name
     when given."""
     raw = base.model_dump(mode="json")
-    raw.pop("sweep")  # a cell is one run: the grid it belongs to is not part of its config
+    raw.pop("sweep")  # a cell is one run: the grid (or study) it belongs to is not part of its config
+    raw.pop("aggregator_study")
     tag = "".join(f"-{x}" for x in (aggregator, attack) if x)
     raw["name"] = f"{base.name}{tag}-{ratio.replace(':', 'to')}-{level}"
     raw["attack"]["malicious_clients"] = parse_ratio(ratio, base.federation.num_clients)
@@ -47,7 +49,10 @@ def cell_config(base: ExperimentConfig, ratio: str, level: str, attack: str | No
 
 
 def _detection(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    dets = [r["defense"]["detection"] for r in records if r.get("defense", {}).get("detection")]
+    """Means over rounds of the probe defense's detection, or where a round has none, of what the
+    aggregation rule screened out (robust rules without a defense)."""
+    dets = [d for r in records
+            if (d := r.get("defense", {}).get("detection") or r.get("screening", {}).get("detection"))]
     out = {}
     for key in ("tpr", "fpr", "auroc"):
         vals = [d[key] for d in dets if d.get(key) is not None]
@@ -72,15 +77,9 @@ def _check_same_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     old = load_run_config(run_dir).model_dump(mode="json")
     new = cfg.model_dump(mode="json")
     if old != new:
-        diff = sorted(_differences(old, new))
+        diff = differing_fields(old, new)
         raise ConfigError(f"{run_dir} was made by a different config ({', '.join(diff[:6])}"
                           f"{' ...' if len(diff) > 6 else ''} differ); pass another --out or remove that folder")
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def run_sweep(base: ExperimentConfig, ratios: list[str], levels: list[str], out_dir: Path, quiet: bool = False,
@@ -151,20 +150,14 @@ def _per_round_mean(records: list[dict[str, Any]], key: str) -> float | None:
 
 def _series(record: dict[str, Any], key: str) -> float | None:
     if key in ("tpr", "fpr"):
-        det = record.get("defense", {}).get("detection") or {}
+        det = record.get("defense", {}).get("detection") or record.get("screening", {}).get("detection") or {}
         v = det.get(key)
         return None if v is None else 100.0 * v
     return record.get("eval", {}).get(key)
 
 
 def _plot(rows: list[dict[str, Any]], key: str, ylabel: str) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     several = len({r["attack"] for r in rows}) > 1
     several_aggregators = len({r["aggregator"] for r in rows}) > 1
     panels = list(dict.fromkeys(_panel(r, several) for r in rows))
@@ -189,10 +182,7 @@ def _plot(rows: list[dict[str, Any]], key: str, ylabel: str) -> bytes:
     for line in axes:
         line[0].set_ylabel(ylabel)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 PLOTS = (("refusal_rate", "refusal rate (%)"), ("exact_match", "exact match (%)"), ("eval_loss", "held-out loss"),
@@ -213,7 +203,8 @@ def write_sweep_report(base: ExperimentConfig, rows: list[dict[str, Any]], out_d
              f"{base.train.local_steps} local steps, aggregator {', '.join(f'`{a}`' for a in aggregators)}, "
              f"attack {', '.join(f'`{a}`' for a in attacks)}. Refusal rate = rule score on "
              f"{base.eval.harmful_prompts} held-out harmful prompts (higher is safer); exact match and held-out loss "
-             "measure utility. Detection columns are means over rounds (flagged: weight < 0.5); uplink is per "
+             "measure utility. Detection columns are means over rounds of the probe defense (flagged: weight < 0.5) "
+             "or, without one, of the rule's screening (screened out: kept in less than half); uplink is per "
              "client per round, time per round (means).", "",
              "| aggregator | attack | benign:malicious | defense | refusal before | refusal after | exact match after "
              "| held-out loss after | TPR | FPR | AUROC | uplink KB / client | s / round | run |",

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config
+from fedguard.config import ConfigError
+from fedguard.io import read_ndjson
+
+
+def _study_config(**study):
+    return tiny_config(
+        federation={"num_clients": 5, "clients_per_round": 5, "rounds": 1},
+        train={"local_steps": 2, "batch_size": 4, "lr": 1e-2, "lr_schedule": "constant"},
+        server={"expected_malicious": 1},
+        attack={"scale": 50.0},
+        probe={"clients_per_class": 4, "rounds": 1, "examples_per_client": 16},
+        aggregator_study={"scenarios": ["scaling@4:1", "data_poisoning@4:1"],
+                          "aggregators": ["fedavg", "median", "multikrum"], "codecs": ["none", "int8"], **study},
+    )
+
+
+def test_study_compares_rules_on_the_same_updates_and_reuses_rows(tmp_path):
+    from fedguard.simulation.aggregator_study import run_aggregator_study
+
+    cfg = _study_config()
+    out = tmp_path / "study"
+    report = run_aggregator_study(cfg, out, quiet=True)
+    rows = read_ndjson(out / "rows.ndjson")
+    keys = [(r["scenario"], r["method"]) for r in rows]
+    methods = ["fedavg", "median", "multikrum", "fedavg+probe", "benign_only"]
+    assert keys == [("base", "base")] + [(s, m) for s in ("scaling@4:1", "data_poisoning@4:1") for m in methods] \
+        + [("none@1:0", "codec:none"), ("none@1:0", "codec:int8"), ("none@1:0", "product")]
+    by = {k: r for k, r in zip(keys, rows)}
+    scaled = {m: by[("scaling@4:1", m)] for m in methods}
+    bad = scaled["fedavg"]["malicious"]
+    assert len(bad) == 1
+    # Multi-Krum screens the x50 update out; median does not screen, so it has no detection.
+    assert scaled["multikrum"]["detection"]["tpr"] == 1.0 and scaled["multikrum"]["detection"]["fpr"] == 0.0
+    assert scaled["multikrum"]["screening"][str(bad[0])] == 0.0
+    assert scaled["median"]["detection"] is None
+    assert scaled["fedavg+probe"]["detection"]["tpr"] == 1.0
+    assert str(bad[0]) not in scaled["benign_only"]["accepted"] and len(scaled["benign_only"]["accepted"]) == 4
+    # Every rule read the same messages: one uplink size; the x50 update wrecks FedAvg, not the screened mean.
+    assert len({r["bytes_up_mean"] for m, r in scaled.items() if m != "benign_only"}) == 1
+    assert scaled["fedavg"]["eval"]["eval_loss"] > scaled["multikrum"]["eval"]["eval_loss"]
+    # Wire formats: int8 is smaller than plain fp32 (on the tiny model the header is a large part of
+    # it); product averaging reports the naive error.
+    wire = {m: by[("none@1:0", m)] for m in ("codec:none", "codec:int8", "product")}
+    assert wire["codec:int8"]["bytes_up_mean"] < 0.7 * wire["codec:none"]["bytes_up_mean"]
+    assert wire["codec:int8"]["compression"] == "int8" and wire["product"]["compression"] == "none"
+    assert wire["product"]["lora_aggregation"]["naive_rel"] > 0
+    text = report.read_text()
+    assert "## scaling@4:1" in text and "| multikrum |" in text and "Wire formats" in text
+    assert "| method | scaling@4:1 | data_poisoning@4:1 |" in text  # the rules x scenarios summary
+    assert (out / "refusal_rate.png").stat().st_size > 5000 and (out / "bytes_vs_utility.png").is_file()
+    assert json.loads((out / "study.json").read_text())[0]["method"] == "base"
+
+    # Rows already measured are reused; a narrower list reports only its rows.
+    run_aggregator_study(cfg, out, quiet=True, scenarios=["scaling@4:1"], aggregators=["median"], codecs=[])
+    assert len(read_ndjson(out / "rows.ndjson")) == len(rows)
+    # The folder belongs to its config.
+    with pytest.raises(ConfigError, match="seed"):
+        run_aggregator_study(cfg.model_copy(update={"seed": cfg.seed + 1}), out, quiet=True)
+
+
+def test_benign_updates_are_trained_once_and_handed_out_as_copies(tiny_loaded):
+    from fedguard.data.federation import build_client_data
+    from fedguard.federated.client import LocalTrainer
+    from fedguard.federated.types import RoundConfig
+    from fedguard.simulation.aggregator_study import _TrainOnce
+
+    loaded, peft_model, slot = tiny_loaded
+    cfg = tiny_config()
+    clients = build_client_data(cfg, loaded.tokenizer)
+    once = _TrainOnce(LocalTrainer(loaded, peft_model, slot))
+    theta0 = slot.read()
+    rc = RoundConfig(server_round=1, lr=1e-2, local_steps=2, batch_size=4, grad_accum=1, seed=3)
+    a = once.train(theta0, rc, clients[0])
+    a.tensors = {k: v * 0 for k, v in a.tensors.items()}  # what an attacker does to its copy
+    b = once.train(theta0, rc, build_client_data(cfg, loaded.tokenizer)[0])  # same data, rebuilt
+    c = once.train(theta0, rc, clients[1])
+    assert (once.trained, once.reused) == (2, 1)
+    fresh = LocalTrainer(loaded, peft_model, slot).train(theta0, rc, clients[0])
+    assert all(torch.equal(b.tensors[k], fresh.tensors[k]) for k in fresh.tensors)
+    assert not all(torch.equal(b.tensors[k], c.tensors[k]) for k in c.tensors)
+
+
+def test_study_flags_are_validated(tmp_path):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(_study_config().to_yaml())
+    bad = run_cli("aggregator-study", str(cfg_path), "--scenarios", "scaling@4-1", "--out", str(tmp_path / "s"))
+    assert bad.returncode == 2 and "aggregator_study.scenarios" in bad.stderr
+    bad = run_cli("aggregator-study", str(cfg_path), "--aggregators", "krumm", "--out", str(tmp_path / "s"))
+    assert bad.returncode == 2 and "aggregator_study.aggregators" in bad.stderr
+    with pytest.raises(ConfigError, match="distinct"):
+        _study_config(codecs=["int8", "int8"])

@@ -1,0 +1,26 @@
+import os
+
+import torch
+
+from fedguard.io import atomic_write_text, load_tensors, read_ndjson, save_tensors
+
+
+def test_atomic_writes_leave_no_temp_files_and_take_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a" / "report.md", "one")
+        atomic_write_text(tmp_path / "a" / "report.md", "two")  # replaced whole
+        save_tensors(tmp_path / "a" / "t.safetensors", {"w": torch.ones(2)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "report.md").read_text() == "two"
+    assert torch.equal(load_tensors(tmp_path / "a" / "t.safetensors")["w"], torch.ones(2))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["report.md", "t.safetensors"]
+    for name in ("report.md", "t.safetensors"):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_a_torn_last_ndjson_line_is_dropped(tmp_path):
+    path = tmp_path / "m.ndjson"
+    path.write_text('{"round": 1}\n{"round": 2}\n{"rou')
+    assert read_ndjson(path) == [{"round": 1}, {"round": 2}]
