@@ -95,3 +95,35 @@ def test_study_flags_are_validated(tmp_path):
     assert bad.returncode == 2 and "aggregator_study.aggregators" in bad.stderr
     with pytest.raises(ConfigError, match="distinct"):
         _study_config(codecs=["int8", "int8"])
+
+
+def test_study_survives_scenarios_without_benign_or_malicious_clients_and_a_torn_row(tmp_path):
+    from fedguard.simulation.aggregator_study import run_aggregator_study
+
+    cfg = _study_config(scenarios=["scaling@1:0", "data_poisoning@0:1"], aggregators=["krum"], codecs=[],
+                        product=False)
+    out = tmp_path / "study"
+    run_aggregator_study(cfg, out, quiet=True)
+    rows = {(r["scenario"], r["method"]): r for r in read_ndjson(out / "rows.ndjson")}
+    assert len(rows) == 1 + 2 * 3
+    nobody = rows[("data_poisoning@0:1", "benign_only")]
+    assert nobody["accepted"] == [] and nobody["bytes_up_mean"] is None
+    assert rows[("scaling@1:0", "krum")]["detection"]["tpr"] is None  # no attacker to find
+    # A hard kill can leave a torn last line; the rows after it must not be lost on the next run.
+    with open(out / "rows.ndjson", "a") as f:
+        f.write('{"scenario": "scal')
+    run_aggregator_study(cfg, out, quiet=True, aggregators=["krum", "median"])
+    again = read_ndjson(out / "rows.ndjson")
+    assert len(again) == len(rows) + 2 and {r["method"] for r in again} >= {"median"}
+    assert len(read_ndjson(out / "rows.ndjson")) == len(again)
+
+
+def test_study_refuses_what_shared_updates_cannot_honour(tmp_path):
+    from fedguard.simulation.aggregator_study import run_aggregator_study
+
+    with pytest.raises(ConfigError, match="lora.variant"):
+        run_aggregator_study(_study_config().model_copy(update={"lora": _study_config().lora.model_copy(
+            update={"variant": "ffa"})}), tmp_path / "a", quiet=True)
+    with pytest.raises(ConfigError, match="fedprox"):
+        run_aggregator_study(_study_config(), tmp_path / "b", quiet=True, aggregators=["fedavg", "fedprox"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

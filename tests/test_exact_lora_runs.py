@@ -180,6 +180,9 @@ def test_flora_server_stacks_clients_of_different_ranks_exactly():
     assert server.downlink_nbytes(glob, again.state, "a") == stack2 < dense
     assert server.downlink_nbytes(glob, again.state, "b") == min(stack1 + stack2, dense)
     assert server.downlink_nbytes(glob, again.state, "new") == min(stack1 + stack2, dense)
+    # A client the downlink went to counts as synced even if its update never arrived.
+    third = server.aggregate_round(3, glob, [ClientUpdate("a", a, 1)], again.state, sent_to=["a", "b"])
+    assert server.downlink_nbytes(glob, third.state, "b") == server.downlink_nbytes(glob, third.state, "a") == stack2
 
 
 def _flora_config(rounds):

@@ -24,3 +24,29 @@ def test_a_torn_last_ndjson_line_is_dropped(tmp_path):
     path = tmp_path / "m.ndjson"
     path.write_text('{"round": 1}\n{"round": 2}\n{"rou')
     assert read_ndjson(path) == [{"round": 1}, {"round": 2}]
+
+
+def test_published_folders_take_the_usual_permissions(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    from fedguard.io import publish_dir
+
+    old = os.umask(0o022)
+    try:
+        staging = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as every staging folder starts
+        (staging / "x").write_text("1")
+        publish_dir(staging, tmp_path / "final")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755
+
+
+def test_resumed_writer_appends_after_the_good_records(tmp_path):
+    from fedguard.io import NdjsonWriter
+
+    path = tmp_path / "m.ndjson"
+    path.write_text('{"round": 1}\n{"rou')
+    writer = NdjsonWriter.resume(path, read_ndjson(path))
+    writer.append({"round": 2})
+    assert read_ndjson(path) == [{"round": 1}, {"round": 2}]

@@ -32,12 +32,24 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _publish(tmp: str, path: Path) -> None:
     """Give the finished temporary file the permissions a plain ``open`` would (mkstemp's are 0600, which
     would leave reports and adapters unreadable to the user's group) and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -82,7 +94,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def publish_dir(staging: Path, final: Path) -> None:
-    """Move a fully written staging folder into place; an older folder of that name is replaced."""
+    """Move a fully written staging folder into place; an older folder of that name is replaced. The folder
+    gets the permissions ``mkdir`` would give it (``mkdtemp``'s are 0700)."""
+    os.chmod(staging, 0o777 & ~_umask())
     if final.exists():
         trash = final.with_name(f".{final.name}.old")
         shutil.rmtree(trash, ignore_errors=True)
@@ -94,6 +108,10 @@ def publish_dir(staging: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def ndjson_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+
+
 class NdjsonWriter:
     """Append-only NDJSON log; one flushed line per record."""
 
@@ -101,10 +119,17 @@ class NdjsonWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def resume(cls, path: str | Path, records: list[dict[str, Any]]) -> NdjsonWriter:
+        """A writer that appends after exactly ``records`` (the file is rewritten with them first, so a torn
+        last line from a hard kill is gone instead of swallowing the next record)."""
+        atomic_write_text(path, "".join(ndjson_line(r) for r in records))
+        return cls(path)
+
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, sort_keys=True, allow_nan=False)
+        line = ndjson_line(record)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 

@@ -49,6 +49,7 @@ FLORA_PREFIX = "flora/"  # ServerState.tensors keys of FLoRA's merged update, pe
 # stacks it has fetched and merged (a client that sat out rounds fetches every stack it missed).
 FLORA_STACKS = "flora_stack_bytes"
 FLORA_SYNCED = "flora_synced"
+FLORA_LEGACY_DOWNLINK = "flora_downlink_bytes"  # older checkpoints: the last stack, charged to every client
 
 
 def flora_merged(state: ServerState) -> dict[str, torch.Tensor]:
@@ -105,6 +106,8 @@ class FederatedServer:
         update in fp32 where that is smaller."""
         if self.lora_aggregation != "flora":
             return wire_downlink_nbytes(global_adapter, self.wire)
+        if FLORA_STACKS not in state.meta and FLORA_LEGACY_DOWNLINK in state.meta:
+            return int(state.meta[FLORA_LEGACY_DOWNLINK])  # a checkpoint from before per-client metering
         stacks = state.meta.get(FLORA_STACKS, [])
         missed = sum(stacks[int(state.meta.get(FLORA_SYNCED, {}).get(str(client_id), 0)):])
         dense = sum(4 * d.numel() for d in flora_merged(state).values())
@@ -116,7 +119,9 @@ class FederatedServer:
             self.defense.load_state_dict(state.meta["defense"])
 
     def aggregate_round(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
-                        state: ServerState) -> RoundOutcome:
+                        state: ServerState, sent_to: Sequence[str] | None = None) -> RoundOutcome:
+        """Decode, validate, weigh and aggregate one round's updates. ``sent_to``: the clients the round's
+        downlink went to (default: those whose messages arrived), which FLoRA counts as synced."""
         sent_global = self.wire.sent_view(global_adapter)
         spec = UpdateSpec.from_adapter(sent_global, self.max_update_bytes)
         accepted: list[ClientUpdate] = []
@@ -154,8 +159,8 @@ class FederatedServer:
             merged = accepted if not skipped else []
             # Every client that took part fetched the stacks so far; this round's stack is fetched later.
             stacks = list(meta.get(FLORA_STACKS, []))
-            meta[FLORA_SYNCED] = {**meta.get(FLORA_SYNCED, {}),
-                                  **{str(getattr(u, "client_id", "?")): len(stacks) for u in updates}}
+            fetched = sent_to if sent_to is not None else [getattr(u, "client_id", "?") for u in updates]
+            meta[FLORA_SYNCED] = {**meta.get(FLORA_SYNCED, {}), **{str(c): len(stacks) for c in fetched}}
             report, stack_bytes = self._flora(merged, weights if merged else None, state)
             meta[FLORA_STACKS] = stacks + [stack_bytes]
             new_global = {k: v.clone() for k, v in global_adapter.items()}

@@ -42,7 +42,6 @@ from fedguard.data.federation import ClientData, build_client_data, build_eval_d
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import LocalTrainer
 from fedguard.federated.compression import CompressionSpec
-from fedguard.federated.sampling import round_lr
 from fedguard.federated.server import FederatedServer
 from fedguard.federated.transport import UplinkEncoder, WireSpec, uplink_nbytes
 from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig, ServerState
@@ -136,6 +135,7 @@ def run_aggregator_study(cfg: ExperimentConfig, out_dir: Path, quiet: bool = Fal
         if given is not None:
             raw["aggregator_study"][key] = given
     cfg = build_config(raw)  # lists given as flags are validated like the config's own
+    _check_fits_study(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_study(cfg, out_dir)
     runlog = RunLog(out_dir, file_name="study.log", console_output=not quiet)
@@ -144,6 +144,20 @@ def run_aggregator_study(cfg: ExperimentConfig, out_dir: Path, quiet: bool = Fal
     finally:
         runlog.close()
     return write_study_report(cfg, rows, out_dir)
+
+
+def _check_fits_study(cfg: ExperimentConfig) -> None:
+    """Refuse what the shared one-round updates cannot honour, naming the field."""
+    if cfg.lora.variant != "standard":
+        raise ConfigError(f"aggregator-study compares rules on standard LoRA updates; lora.variant is "
+                          f"'{cfg.lora.variant}' (FFA-LoRA and FLoRA change what clients train and send)")
+    if cfg.server.lora_aggregation != "naive":
+        raise ConfigError("aggregator-study: server.lora_aggregation must be 'naive' (product averaging is "
+                          "its own row, aggregator_study.product)")
+    client_side = [a for a in cfg.aggregator_study.aggregators if a == "fedprox"]
+    if client_side:
+        raise ConfigError("aggregator_study.aggregators: fedprox changes the clients' training (its proximal "
+                          "term), so it cannot share the other rules' updates; use fedguard sweep for it")
 
 
 def _check_same_study(cfg: ExperimentConfig, out_dir: Path) -> None:
@@ -162,12 +176,12 @@ def _check_same_study(cfg: ExperimentConfig, out_dir: Path) -> None:
 
 def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
     from fedguard.evaluation.evaluator import Evaluator
-    from fedguard.simulation.runner import build_defense
+    from fedguard.simulation.runner import build_defense, round_config
 
     study = cfg.aggregator_study
     rows = read_ndjson(out_dir / ROWS_FILE)
     done = {(r["scenario"], r["method"]) for r in rows}
-    writer = NdjsonWriter(out_dir / ROWS_FILE)
+    writer = NdjsonWriter.resume(out_dir / ROWS_FILE, rows)
 
     plan: list[tuple[Scenario, list[str]]] = []
     for s in study.scenarios:
@@ -189,9 +203,9 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
                           cfg.data.system_prompt)
     probe_cfg = build_config({**cfg.model_dump(mode="json"),
                               "defense": {**cfg.defense.model_dump(mode="json"), "level": "client"}})
-    needs = study.probe_level or any(Scenario.parse(s).attack in ("probe_aware", "probe_projection")
-                                     for s in study.scenarios)
-    probe = build_defense(probe_cfg, loaded, trainer, theta0, None)[1] if needs else None
+    # the probe simulated attackers know (the server's unless attack.probe names another)
+    probe_aware = any(Scenario.parse(s).attack in ("probe_aware", "probe_projection") for s in study.scenarios)
+    probe = build_defense(probe_cfg if study.probe_level or probe_aware else cfg, loaded, trainer, theta0, None)[1]
 
     def probe_defense():  # the client level with fresh state: every row is one first round
         return build_defense(probe_cfg, loaded, trainer, theta0, None)[0]
@@ -206,9 +220,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
 
     if ("base", "base") not in done:
         add({"scenario": "base", "method": "base", "eval": _evaluate(evaluator, theta0)})
-    rc = RoundConfig(server_round=1, lr=round_lr(cfg.train, 1, 1), local_steps=cfg.train.local_steps,
-                     batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, seed=cfg.seed,
-                     weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
+    rc = round_config(cfg, 1)
     max_bytes = int(cfg.server.max_update_mb * 2**20)
     for scenario, methods in plan:
         todo = [m for m in methods if (scenario.name, m) not in done]
@@ -225,10 +237,10 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
             row = _measure(scenario, method, server, sent, wire, theta0, population, evaluator, client_seconds)
             add(row)
             ev, det = row["eval"], row["detection"] or {}
-            log.info("%s · %-13s refusal %5.1f%%  exact match %5.1f%%  loss %.4f  %s(%.3fs aggregation)",
-                     scenario.name, method, ev.get("refusal_rate", float("nan")), ev.get("exact_match", float("nan")),
-                     ev.get("eval_loss", float("nan")),
-                     f"TPR {det['tpr']:.2f} FPR {det['fpr']:.2f} " if det else "", row["aggregate_seconds"])
+            log.info("%s · %-13s refusal %s%%  exact match %s%%  loss %s  TPR %s  FPR %s  (%.3fs aggregation)",
+                     scenario.name, method, _fmt(ev.get("refusal_rate")), _fmt(ev.get("exact_match")),
+                     _fmt(ev.get("eval_loss"), 4), _fmt(det.get("tpr"), 2), _fmt(det.get("fpr"), 2),
+                     row["aggregate_seconds"])
     return _ordered(rows, wanted)
 
 
@@ -264,7 +276,7 @@ def _measure(scenario: Scenario, method: str, server: FederatedServer, sent: lis
             "accepted": outcome.accepted, "rejected": outcome.rejected, "detection": detection or None,
             "screening": outcome.screening, "aggregate_seconds": aggregate_seconds,
             "client_seconds": client_seconds,
-            "bytes_up_mean": statistics.fmean(uplink_nbytes(m) for m in sent),
+            "bytes_up_mean": statistics.fmean(uplink_nbytes(m) for m in sent) if sent else None,
             "compression": wire.compression.kind, "lora_aggregation": outcome.lora_aggregation,
             "eval": _evaluate(evaluator, outcome.global_adapter)}
 
@@ -308,6 +320,10 @@ def _fmt(v, nd=1) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def _kb(n: float | None) -> float | None:
+    return None if n is None else n / 1e3
+
+
 def write_study_report(cfg: ExperimentConfig, rows: list[dict], out_dir: Path) -> Path:
     base = next((r for r in rows if r["method"] == "base"), None)
     rule_rows = [r for r in rows if r["scenario"] not in ("base", BENIGN_SCENARIO)]
@@ -341,7 +357,7 @@ def write_study_report(cfg: ExperimentConfig, rows: list[dict], out_dir: Path) -
             ev, det = r["eval"], r.get("detection") or {}
             lines.append(f"| {r['method']} | {_fmt(ev.get('refusal_rate'))} | {_fmt(ev.get('exact_match'))} | "
                          f"{_fmt(ev.get('eval_loss'), 4)} | {_fmt(det.get('tpr'), 2)} | {_fmt(det.get('fpr'), 2)} | "
-                         f"{_fmt(1e3 * r['aggregate_seconds'])} | {_fmt(r['bytes_up_mean'] / 1e3)} |")
+                         f"{_fmt(1e3 * r['aggregate_seconds'])} | {_fmt(_kb(r['bytes_up_mean']))} |")
         lines.append("")
     if scenarios:
         for key, label, bars in _PLOTS:

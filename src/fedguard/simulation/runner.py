@@ -139,10 +139,6 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     eval_data = build_eval_data(cfg, loaded.tokenizer)
     trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
     defense, probe = build_defense(cfg, loaded, trainer, theta0, progress)
-    if cfg.attack.probe:  # the attacker may know another probe than the server's
-        from fedguard.defenses.probe import LoRAProbe
-
-        probe = LoRAProbe.load(cfg.attack.probe)
     population = build_population(cfg, loaded.tokenizer, clients, probe)
     wire = WireSpec.from_config(cfg)
     flora = cfg.lora.variant == "flora"
@@ -180,8 +176,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     else:
         global_adapter, state, start = theta0, ServerState(), 1
         records = [r for r in records if r.get("round") == 0]
-    atomic_write_text(metrics_path, "".join(_json_line(r) for r in records))
-    writer = NdjsonWriter(metrics_path)
+    writer = NdjsonWriter.resume(metrics_path, records)
 
     if not any(r.get("round") == 0 for r in records):
         progress.status("evaluating the base model (round 0)")
@@ -194,11 +189,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     steps_per_client = cfg.train.local_steps
     for server_round in range(start, total_rounds + 1):
         t_round = time.perf_counter()
-        rc = RoundConfig(
-            server_round=server_round, lr=round_lr(cfg.train, server_round, total_rounds),
-            local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-            seed=cfg.seed, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm,
-        )
+        rc = round_config(cfg, server_round)
         sampled = sample_clients(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed, server_round)
         progress.start_round(server_round, len(sampled) * steps_per_client)
         updates, messages, send_failed = [], [], {}
@@ -225,7 +216,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
                 send_failed[update.client_id] = f"encode_failed: {exc}"
                 log.warning("round %d: client %s could not encode its update (%s)", server_round, cid, exc)
         train_seconds = time.perf_counter() - t_round
-        outcome = server.aggregate_round(server_round, global_adapter, messages, state)
+        outcome = server.aggregate_round(server_round, global_adapter, messages, state,
+                                         sent_to=[str(c) for c in sampled])
         global_adapter, state = outcome.global_adapter, outcome.state
         if flora:  # every client merges the stacked adapter; on one resident model that is one merge
             _merge_into_base(slot, base0, state)
@@ -310,6 +302,14 @@ def _merge_into_base(slot, base0: dict[str, Any], state: ServerState) -> None:
             p.copy_(merged.get(m, base0[m]))
 
 
+def round_config(cfg: ExperimentConfig, server_round: int) -> RoundConfig:
+    """What the server tells every client of ``server_round`` before the aggregator and defense add theirs."""
+    t = cfg.train
+    return RoundConfig(server_round=server_round, lr=round_lr(t, server_round, cfg.federation.rounds),
+                       local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=cfg.seed,
+                       weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+
+
 def needs_probe(cfg: ExperimentConfig) -> bool:
     """The server's defense needs a probe, or a probe-aware attacker borrows the server's."""
     return cfg.defense.level != "none" or (
@@ -345,23 +345,24 @@ def ensure_probe(cfg: ExperimentConfig) -> Path | None:
 
 
 def build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
-    """The probe defense of ``cfg.defense`` (None for level 'none') and its probe.
-
-    The probe is also loaded (built if needed) when a probe-aware attacker has none of its own."""
+    """The probe defense of ``cfg.defense`` (None for level 'none'), and the probe simulated attackers know:
+    ``attack.probe`` when given, else the server's (loaded, or built and cached, when a probe-aware
+    attacker needs it even without a defense)."""
     from fedguard.defenses.defense import ProbeDefense
     from fedguard.defenses.probe import LoRAProbe
 
-    if not needs_probe(cfg):
-        return None, None
-    probe_dir, compat = _probe_dir(cfg, loaded, trainer, theta0, progress)
-    probe = LoRAProbe.load(probe_dir, expect=compat)
+    server_probe, probe_dir = None, None
+    if needs_probe(cfg):
+        probe_dir, compat = _probe_dir(cfg, loaded, trainer, theta0, progress)
+        server_probe = LoRAProbe.load(probe_dir, expect=compat)
+    attacker_probe = LoRAProbe.load(cfg.attack.probe) if cfg.attack.probe else server_probe
     if cfg.defense.level == "none":
-        return None, probe
-    defense = ProbeDefense(cfg.defense, probe, theta0, cfg.train.local_steps,
+        return None, attacker_probe
+    defense = ProbeDefense(cfg.defense, server_probe, theta0, cfg.train.local_steps,
                            cfg.train.batch_size * cfg.train.grad_accum, cfg.train.lr)
     log.info("defense: %s level, probe %s (held-out AUROC %s)", cfg.defense.level, probe_dir,
-             probe.metrics.get("auroc"))
-    return defense, probe
+             server_probe.metrics.get("auroc"))
+    return defense, attacker_probe
 
 
 def detection_summary(verdicts, population) -> dict[str, Any]:
@@ -416,12 +417,6 @@ def _communication_totals(cfg: ExperimentConfig, rounds: list[dict[str, Any]]) -
         if values:
             out[f"mean_{key}"] = statistics.fmean(values)
     return out
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
 
 
 def _log_eval(server_round: int, ev: dict[str, Any]) -> None:
