@@ -154,8 +154,7 @@ def _check_fits_study(cfg: ExperimentConfig) -> None:
     if cfg.server.lora_aggregation != "naive":
         raise ConfigError("aggregator-study: server.lora_aggregation must be 'naive' (product averaging is "
                           "its own row, aggregator_study.product)")
-    client_side = [a for a in cfg.aggregator_study.aggregators if a == "fedprox"]
-    if client_side:
+    if "fedprox" in cfg.aggregator_study.aggregators:
         raise ConfigError("aggregator_study.aggregators: fedprox changes the clients' training (its proximal "
                           "term), so it cannot share the other rules' updates; use fedguard sweep for it")
 
