@@ -366,35 +366,31 @@ def build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
 
 
 def detection_summary(verdicts, population) -> dict[str, Any]:
-    """TPR, FPR and AUROC of one round's verdicts against ground truth.
-
-    A client counts as flagged when its weight is below 0.5; AUROC ranks by the probe's score."""
-    if not verdicts:
-        return {}
-    from fedguard.defenses.probe import detection_metrics
-
-    truth = [int(population.is_malicious(v.client_id)) for v in verdicts]
-    flagged = detection_metrics(truth, [float(v.weight < 0.5) for v in verdicts], 0.5)
-    out: dict[str, Any] = {"tpr": flagged["recall"], "fpr": flagged["fpr"]}
-    if 0 < sum(truth) < len(truth):
-        out["auroc"] = detection_metrics(truth, [v.suspicion for v in verdicts], 0.5)["auroc"]
-    return out
+    """TPR, FPR and AUROC of one round's probe verdicts against ground truth: flagged when the weight is
+    below 0.5; AUROC ranks by the probe's score."""
+    return _against_truth([v.client_id for v in verdicts], [v.weight for v in verdicts],
+                          [v.suspicion for v in verdicts], population)
 
 
 def screening_summary(screening: dict[str, float] | None, population) -> dict[str, Any]:
-    """TPR, FPR and AUROC of what a robust aggregation rule let count, against ground truth.
+    """TPR, FPR and AUROC of what a robust aggregation rule let count, against ground truth: screened out
+    when its share is below 0.5; AUROC ranks by 1 − share."""
+    screening = screening or {}
+    return _against_truth(list(screening), list(screening.values()), [1.0 - s for s in screening.values()],
+                          population)
 
-    A client counts as screened out when its share is below 0.5; AUROC ranks by 1 − share."""
-    if not screening:
+
+def _against_truth(client_ids: list[str], kept: list[float], suspicion: list[float], population) -> dict[str, Any]:
+    """Clients counting for less than half (``kept`` < 0.5) are the positives the server called; {} for none."""
+    if not client_ids:
         return {}
     from fedguard.defenses.probe import detection_metrics
 
-    truth = [int(population.is_malicious(c)) for c in screening]
-    shares = list(screening.values())
-    screened = detection_metrics(truth, [float(s < 0.5) for s in shares], 0.5)
-    out: dict[str, Any] = {"tpr": screened["recall"], "fpr": screened["fpr"]}
+    truth = [int(population.is_malicious(c)) for c in client_ids]
+    called = detection_metrics(truth, [float(k < 0.5) for k in kept], 0.5)
+    out: dict[str, Any] = {"tpr": called["recall"], "fpr": called["fpr"]}
     if 0 < sum(truth) < len(truth):
-        out["auroc"] = detection_metrics(truth, [1.0 - s for s in shares], 0.5)["auroc"]
+        out["auroc"] = detection_metrics(truth, suspicion, 0.5)["auroc"]
     return out
 
 

@@ -49,15 +49,19 @@ def cell_config(base: ExperimentConfig, ratio: str, level: str, attack: str | No
 
 
 def _detection(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Means over rounds of the probe defense's detection, or where a round has none, of what the
-    aggregation rule screened out (robust rules without a defense)."""
-    dets = [d for r in records
-            if (d := r.get("defense", {}).get("detection") or r.get("screening", {}).get("detection"))]
+    """Means over rounds of each round's detection (``_round_detection``)."""
+    dets = [d for r in records if (d := _round_detection(r))]
     out = {}
     for key in ("tpr", "fpr", "auroc"):
         vals = [d[key] for d in dets if d.get(key) is not None]
         out[key] = statistics.fmean(vals) if vals else None
     return out
+
+
+def _round_detection(record: dict[str, Any]) -> dict[str, Any]:
+    """The probe defense's detection in a round, or where it has none, what the aggregation rule screened
+    out (robust rules without a defense); {} if neither."""
+    return record.get("defense", {}).get("detection") or record.get("screening", {}).get("detection") or {}
 
 
 def _run_cell(raw: dict[str, Any], run_dir: str, quiet: bool, threads: int) -> None:
@@ -150,7 +154,7 @@ def _per_round_mean(records: list[dict[str, Any]], key: str) -> float | None:
 
 def _series(record: dict[str, Any], key: str) -> float | None:
     if key in ("tpr", "fpr"):
-        det = record.get("defense", {}).get("detection") or record.get("screening", {}).get("detection") or {}
+        det = _round_detection(record)
         v = det.get(key)
         return None if v is None else 100.0 * v
     return record.get("eval", {}).get(key)
