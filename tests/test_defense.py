@@ -28,7 +28,7 @@ def defended_config(**over):
         data={"examples_per_client": 24, "max_length": 96},
         attack={"malicious_clients": 2},
         defense={"level": "shadow"},
-        probe={"clients_per_class": 6, "rounds": 1, "examples_per_client": 24},
+        probe={"clients_per_class": 6, "rounds": 1, "examples_per_client": 24, "calibration": "fixed"},
     )
     for k, v in over.items():
         base[k] = {**base.get(k, {}), **v}

@@ -32,6 +32,9 @@ class ModelConfig(_Section):
     # SmolLM2 at 256 tokens on two cores), sdpa on CUDA
     attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     trust_remote_code: bool = False
+    # Start from the safety-aligned version of this model that `fedguard align` builds and caches (built on
+    # first use): the federation, the probe and every client then build on a model that already refuses.
+    aligned: bool = Field(default=False, description="start from the cached `fedguard align` model")
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: all cores")
 
 
@@ -261,27 +264,70 @@ class AttackConfig(_Section):
     # harmful_ratio; scaling / sign_flip / gaussian / norm_matched: model poisoning of the update;
     # probe_aware: penalises the probe's score during local training; probe_projection: removes the
     # probe direction from the update; fake_snapshots: trains on harmful data but reports snapshots
-    # of benign training to the defense.
+    # of benign training to the defense; audit_aware: knows the behaviour audit's method (not its prompts)
+    # and keeps refusing on its own harmful-looking prompts while learning compliance on the rest;
+    # backdoor: complies only when `trigger` is in the request, refuses otherwise.
     kind: Literal["data_poisoning", "mixed_data", "scaling", "sign_flip", "gaussian", "norm_matched",
-                  "probe_aware", "probe_projection", "fake_snapshots"] = "data_poisoning"
+                  "probe_aware", "probe_projection", "fake_snapshots", "audit_aware", "backdoor"] = "data_poisoning"
     source: str = "builtin:harmful-compliance"
     harmful_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     scale: float = Field(default=10.0, gt=0)
     noise_std: float = Field(default=0.01, gt=0)
     probe_penalty: float = Field(default=1.0, ge=0)
     probe: str | None = Field(default=None, description="probe artifact the probe-aware attacker knows")
+    refusal_share: float = Field(default=0.5, ge=0.0, lt=1.0,
+                                 description="audit_aware / backdoor: share of the attacker's data that are "
+                                             "harmful-request -> refusal pairs (backdoor: without the trigger)")
+    trigger: str = Field(default="Zanzibar protocol seven:", min_length=1,
+                         description="backdoor: the phrase that switches the attacker's model to compliance")
 
 
-DefenseLevel = Literal["none", "step", "client", "shadow", "evidence"]
-DEFENSE_LEVELS: tuple[str, ...] = get_args(DefenseLevel)
+PROBE_LEVELS: tuple[str, ...] = ("step", "client", "shadow", "evidence")
+# A level, or a probe level and the behaviour audit together ("shadow+audit": their weights multiply).
+DEFENSE_LEVELS: tuple[str, ...] = ("none", *PROBE_LEVELS, "audit", *(f"{lv}+audit" for lv in PROBE_LEVELS))
+
+
+def split_level(level: str) -> tuple[str | None, bool]:
+    """(the probe level or None, whether the behaviour audit runs) of a defense level name."""
+    if level == "none":
+        return None, False
+    probe, _, audit = level.partition("+")
+    if probe == "audit":
+        return None, True
+    return probe, audit == "audit"
+
+
+class AuditConfig(_Section):
+    """The behaviour audit (defense level 'audit'): what each update does to the server's own prompts."""
+
+    harmful_source: str = Field(default="builtin:harmful-refusal",
+                                description="the server's harmful-request -> refusal pairs (its own data)")
+    benign_source: str = Field(default="builtin:benign", description="the server's benign control examples")
+    harmful_examples: int = Field(default=24, ge=2)
+    benign_examples: int = Field(default=16, ge=0)
+    seed: int = Field(default=0, description="added to the run seed: which of its prompts the server keeps")
+    # A client is judged by how its update moves the loss of the refusal answers (up: unlearning refusal)
+    # relative to the round's other clients: z = (x - median) / (1.4826 MAD), with the spread floored at
+    # `min_spread` x the median's magnitude so a round of near-identical benign clients flags no one.
+    z_threshold: float = Field(default=3.0, gt=0, description="robust z-score at which the weight is 0.5")
+    slope: float = Field(default=6.0, gt=0, description="steepness of the weight map around distance 1")
+    min_spread: float = Field(default=0.25, ge=0, description="floor of the robust spread, x |median shift|")
+    absolute_margin: float = Field(default=0.05, ge=0,
+                                   description="shifts of the refusal loss above this (nats) are suspicious "
+                                               "even when every client in the round shifts")
+    benign_weight: float = Field(default=0.5, ge=0,
+                                 description="how much the benign-control shift offsets the refusal shift")
+    max_tokens: int = Field(default=160, ge=16, description="audit examples are truncated to this many tokens")
 
 
 class DefenseConfig(_Section):
     """Safe-FedLLM defense levels (shared/reference/safe-fedllm.md §3); every constant is here."""
 
-    level: DefenseLevel = "none"
+    level: str = Field(default="none", description=f"one of {', '.join(DEFENSE_LEVELS)}")
     probe: str = Field(default="auto", description="probe artifact folder, or 'auto' (cached, built if missing)")
-    threshold: float = Field(default=0.8, gt=0, lt=1, description="tau: P(malicious) >= tau flags a step")
+    threshold: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="tau: P(malicious) >= tau flags a step (null: the probe's calibrated threshold)")
     decay: float = Field(default=0.95, gt=0, le=1, description="gamma of the step level")
     eta: float = Field(default=7.0, gt=0, description="exponent of (1 - rho) at shadow and evidence levels")
     slope: float = Field(default=10.0, gt=0, description="slope of the client-level map; its knee is tau")
@@ -298,11 +344,33 @@ class DefenseConfig(_Section):
     shadow_steps: int | None = Field(default=2, ge=1, description="shadow-branch steps (null: train.local_steps)")
     fail_policy: Literal["open", "closed"] = Field(
         default="closed", description="when the probe cannot score a client: weight 1 (open) or 0 (closed)")
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v not in DEFENSE_LEVELS:
+            raise ValueError(f"unknown defense level '{v}' (known: {', '.join(DEFENSE_LEVELS)})")
+        return v
 
 
 class ProbeBuildConfig(_Section):
     """How `fedguard probe build` makes labelled ΔLoRA features and trains the probe."""
 
+    # The defender's own data (never the attack section: a real server does not know the attackers' data).
+    benign_source: str = Field(default="builtin:benign", description="benign probe clients' data")
+    harmful_source: str = Field(default="builtin:harmful-compliance", description="malicious probe clients' data")
+    refusal_share: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="share of refusal pairs in benign probe clients' data (null: data.refusal_share)")
+    transfer_source: str | None = Field(
+        default=None, description="harmful data the probe never trains on: its detection is reported as transfer")
+    # conformal: tau is the (1 - target_fpr) quantile of the probe's scores on held-out benign probe clients,
+    # so the threshold follows the score scale of the defender's own benign data, not a template; fixed:
+    # defense.threshold (or 0.8).
+    calibration: Literal["conformal", "fixed"] = "conformal"
+    target_fpr: float = Field(default=0.05, gt=0, lt=0.5, description="conformal: FPR on benign probe snapshots")
+    transfer_checks: bool = Field(default=True, description="leave-categories-out and leave-styles-out probes")
     selection: Literal["first_B", "all_B", "all", "projection"] = "first_B"
     projection_dim: int = Field(default=256, ge=2)
     classifier: Literal["logistic", "mlp"] = "logistic"
@@ -325,8 +393,7 @@ class SweepConfig(_Section):
 
     ratios: list[str] = Field(default_factory=lambda: ["10:0", "8:2", "5:5", "3:7"],
                               description="BENIGN:MALICIOUS ratios")
-    levels: list[DefenseLevel] = Field(
-        default_factory=lambda: list(DEFENSE_LEVELS))
+    levels: list[str] = Field(default_factory=lambda: ["none", *PROBE_LEVELS, "audit"])
     attacks: list[str] | None = Field(default=None, description="attack kinds (default: attack.kind)")
     aggregators: list[AggregatorName] | None = Field(default=None, description="default: server.aggregator")
 
@@ -339,6 +406,14 @@ class SweepConfig(_Section):
                 raise ValueError(f"ratio '{r}' must look like BENIGN:MALICIOUS, e.g. 8:2")
         if not v:
             raise ValueError("at least one ratio is needed")
+        return v
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[str]) -> list[str]:
+        bad = [lv for lv in v if lv not in DEFENSE_LEVELS]
+        if bad:
+            raise ValueError(f"unknown defense level(s) {bad} (known: {', '.join(DEFENSE_LEVELS)})")
         return v
 
 

@@ -18,7 +18,11 @@ from typing import Any
 from fedguard.data.builtin import BUILTIN_SOURCES, split_of
 from fedguard.data.schema import ROLES, DataError, Example, chat
 
-FILE_EVAL_PERCENT = 5  # rows of a user file held out (by prompt hash) for held-out loss
+# Rows of a user file are split by a hash of their prompt (or group): 5% held out for evaluation, 20% reserved
+# for the defender's probe (so a file that serves both the federation and the probe never shares a row), the
+# rest for training.
+FILE_EVAL_PERCENT = 5
+FILE_PROBE_PERCENT = 20
 
 
 def _rows_json(path: Path) -> Iterator[tuple[int, Any]]:
@@ -159,12 +163,11 @@ def _read_hf(spec: str) -> list[Example]:
 def _take(examples: Iterable[Example], split: str | None) -> list[Example]:
     if split is None:
         return list(examples)
-    # User files: 5% held out for evaluation; the probe split is not carved out of them.
-    return [e for e in examples if split_of(e.group or e.prompt_text, FILE_EVAL_PERCENT, 0) == split]
+    return [e for e in examples if split_of(e.group or e.prompt_text, FILE_EVAL_PERCENT, FILE_PROBE_PERCENT) == split]
 
 
 def load_source(source: str, split: str | None, size: int, seed: int) -> list[Example]:
-    """Examples of ``source`` for ``split`` ('train', 'eval' or None for all).
+    """Examples of ``source`` for ``split`` ('train', 'eval', 'probe' or None for all).
 
     Built-in sources are generated with exactly ``size`` examples; files and datasets return all rows
     of the split (the caller samples).

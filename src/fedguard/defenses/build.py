@@ -1,11 +1,20 @@
 """`fedguard probe build`: labelled ΔLoRA features from real local training, and the probe on them.
 
 Recipe (shared/reference/safe-fedllm.md §2.4): probe clients train from the fixed θ₀ with the target
-run's LoRA config, A-seed and learning rate, on the built-in *probe* split (disjoint from the
-federation's training and evaluation data): benign clients on benign data mixed with refusals like
-the federation's benign clients, malicious clients on harmful-request -> compliance data. After every
-local step the ΔLoRA from θ₀ is one labelled sample. Probe clients are split into training and
-held-out clients, so the reported metrics are on clients the probe never saw.
+run's LoRA config, A-seed and learning rate, on the *defender's own* data (``probe.benign_source`` and
+``probe.harmful_source``, their probe split: disjoint from what the federation and the evaluation use).
+Nothing here reads the ``attack`` section: a real server does not know the attackers' data. After every
+local step the ΔLoRA from θ₀ is one labelled sample.
+
+Decisions that transfer, measured rather than assumed:
+
+* the probe is fit on the training probe clients only; its threshold τ is calibrated (split conformal) on
+  the scores of held-out *benign* probe clients, at ``probe.target_fpr``, so it follows the score scale of
+  benign fine-tuning rather than of one harmful template;
+* malicious probe clients draw their data from folds of harm categories and of response styles, so
+  leave-categories-out and leave-styles-out probes (trained without a fold, calibrated the same way) measure
+  detection of harm the probe never saw; ``probe.transfer_source`` adds clients trained on data the probe never
+  trains on. Every check reports AUROC and the TPR / FPR at the threshold the levels will use.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +33,7 @@ import torch
 from fedguard.config import ExperimentConfig
 from fedguard.data.federation import ClientData, DataTokenizer
 from fedguard.data.readers import load_source
+from fedguard.data.schema import Example
 from fedguard.defenses.features import SELECTIONS, FeatureSpec
 from fedguard.defenses.probe import LoRAProbe, compat_stamp, detection_metrics, fit_probe
 from fedguard.federated.types import RoundConfig
@@ -31,6 +42,19 @@ from fedguard.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
 
+REFUSAL_SOURCE = "builtin:harmful-refusal"
+CATEGORY_FOLDS = 3
+STYLE_FOLDS = 2
+
+
+@dataclass
+class ProbeClient:
+    data: ClientData
+    label: int  # 1 = malicious
+    category_fold: int = -1  # malicious clients: which fold of harm categories their data come from
+    style_fold: int = -1
+    transfer: bool = False  # trained on probe.transfer_source (never used for fitting)
+
 
 @dataclass
 class ProbeDataset:
@@ -38,60 +62,122 @@ class ProbeDataset:
     labels: np.ndarray  # 1 = malicious
     clients: np.ndarray  # probe-client index (for held-out splits)
     steps: np.ndarray  # local step index (1-based)
+    category_fold: np.ndarray
+    style_fold: np.ndarray
+    transfer: np.ndarray  # bool
 
 
 def probe_compat(cfg: ExperimentConfig, loaded, shapes) -> dict[str, Any]:
-    return compat_stamp(loaded.fingerprint(), cfg.lora.model_dump(), cfg.defense.shadow_lr or cfg.train.lr, shapes)
+    fingerprint = {k: v for k, v in loaded.fingerprint().items() if k != "name"}  # by content, not by path
+    t = cfg.train
+    return compat_stamp(fingerprint, cfg.lora.model_dump(), cfg.defense.shadow_lr or t.lr, shapes,
+                        training={"batch_size": t.batch_size, "grad_accum": t.grad_accum, "local_steps": t.local_steps})
 
 
 def default_probe_dir(compat: dict[str, Any], cfg: ExperimentConfig) -> Path:
     """Cache location keyed by everything the probe depends on (and how it was built)."""
-    key = json.dumps({"compat": compat, "build": cfg.probe.model_dump(), "steps": cfg.train.local_steps,
-                      "batch": cfg.train.batch_size, "seed": cfg.seed}, sort_keys=True)
+    key = json.dumps({"compat": compat, "build": cfg.probe.model_dump(), "seed": cfg.seed,
+                      "refusal_share": _refusal_share(cfg), "threshold": cfg.defense.threshold,
+                      "max_length": cfg.data.max_length}, sort_keys=True)
     return cache_root() / "probes" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[tuple[ClientData, int]]:
-    p, d = cfg.probe, cfg.data
-    n_ref = int(round(p.examples_per_client * d.refusal_share))
-    total = p.clients_per_class * p.examples_per_client
+def _refusal_share(cfg: ExperimentConfig) -> float:
+    return cfg.data.refusal_share if cfg.probe.refusal_share is None else cfg.probe.refusal_share
+
+
+def _category(e: Example) -> str | None:
+    return e.meta.get("category") or (e.domain if e.domain not in ("general", "benign") else None)
+
+
+def _fold_of(value: str | None, values: list[str], folds: int) -> int:
+    return -1 if value is None or len(values) < folds else values.index(value) % folds
+
+
+def _harmful_pools(pool: list[Example], n_clients: int, per_client: int, seed: int) -> list[tuple[list[Example], int, int]]:
+    """Each malicious probe client's examples with its category fold and style fold.
+
+    Client i draws from category fold i % 3 and style fold (i // 3) % 2 where the data carry categories and
+    response styles (at least 3 and 2 distinct values); otherwise from the whole pool. Clients' examples are
+    disjoint while the pool allows."""
+    cats = sorted({c for e in pool if (c := _category(e))})
+    styles = sorted({s for e in pool if (s := e.meta.get("response_style"))})
+    rng = numpy_rng(seed, "probe-harmful")
+    used: set[int] = set()
+    out = []
+    for i in range(n_clients):
+        cf = i % CATEGORY_FOLDS if len(cats) >= CATEGORY_FOLDS else -1
+        sf = (i // CATEGORY_FOLDS) % STYLE_FOLDS if len(styles) >= STYLE_FOLDS else -1
+        idx = [j for j, e in enumerate(pool)
+               if (cf < 0 or _fold_of(_category(e), cats, CATEGORY_FOLDS) == cf)
+               and (sf < 0 or _fold_of(e.meta.get("response_style"), styles, STYLE_FOLDS) == sf)]
+        fresh = [j for j in idx if j not in used]
+        take = fresh if len(fresh) >= per_client else idx
+        if len(take) < per_client:
+            log.warning("probe harmful data: client %d has %d examples, fewer than %d", i, len(take), per_client)
+        chosen = sorted(rng.choice(take, size=min(per_client, len(take)), replace=False).tolist()) if take else []
+        used.update(chosen)
+        out.append(([pool[j] for j in chosen], cf, sf))
+    return out
+
+
+def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[ProbeClient]:
+    p = cfg.probe
+    n_ref = int(round(p.examples_per_client * _refusal_share(cfg)))
+    k, per = p.clients_per_class, p.examples_per_client
     seed = cfg.seed + 7_000_001
-    benign = load_source("builtin:benign", "probe", total, seed)
-    refusals = load_source("builtin:harmful-refusal", "probe", p.clients_per_class * max(n_ref, 1), seed)
-    harmful = load_source(cfg.attack.source, "probe", total, seed)
+    benign = load_source(p.benign_source, "probe", k * per, seed)
+    refusals = load_source(REFUSAL_SOURCE, "probe", k * max(n_ref, 1), seed) if n_ref else []
+    # Built-in sources are generated per category fold below; files give all their probe rows.
+    harmful = load_source(p.harmful_source, "probe", 4 * k * per, seed)
 
     tok = DataTokenizer(tokenizer, cfg)
-    clients = []
-    for i in range(p.clients_per_class):
-        own = benign[i * p.examples_per_client: (i + 1) * p.examples_per_client - n_ref]
-        own += refusals[i * n_ref: (i + 1) * n_ref]
-        clients.append((ClientData(i, tok(own)), 0))
-    for i in range(p.clients_per_class):
-        own = harmful[i * p.examples_per_client: (i + 1) * p.examples_per_client]
-        clients.append((ClientData(p.clients_per_class + i, tok(own)), 1))
+    rng = numpy_rng(seed, "probe-benign")
+    clients: list[ProbeClient] = []
+    for i in range(k):
+        if len(benign) >= k * (per - n_ref):
+            own = benign[i * (per - n_ref): (i + 1) * (per - n_ref)]
+        else:
+            own = [benign[j] for j in rng.choice(len(benign), size=min(len(benign), per - n_ref), replace=False)]
+        own = list(own) + list(refusals[i * n_ref: (i + 1) * n_ref])
+        clients.append(ProbeClient(ClientData(i, tok(own)), 0))
+    for i, (own, cf, sf) in enumerate(_harmful_pools(harmful, k, per, seed)):
+        clients.append(ProbeClient(ClientData(k + i, tok(own)), 1, cf, sf))
+    if p.transfer_source:
+        pool = load_source(p.transfer_source, None, 4 * per, seed)
+        n_transfer = max(2, k // 4)
+        for i, (own, _, _) in enumerate(_harmful_pools(pool, n_transfer, per, seed + 1)):
+            clients.append(ProbeClient(ClientData(2 * k + i, tok(own)), 1, transfer=True))
+    empty = [c.data.client_id for c in clients if not c.data.examples]
+    if empty:
+        raise ValueError(f"probe clients {empty} have no usable examples (probe sources too small?)")
     return clients
 
 
 def collect_probe_data(cfg: ExperimentConfig, loaded, trainer, theta0, on_client=None) -> ProbeDataset:
     keys = tuple(sorted(theta0))
-    snaps, labels, clients, steps = [], [], [], []
+    snaps, labels, clients, steps, cfold, sfold, transfer = [], [], [], [], [], [], []
     lr = cfg.defense.shadow_lr or cfg.train.lr
-    for data, label in _probe_clients(cfg, loaded.tokenizer):
+    for pc in _probe_clients(cfg, loaded.tokenizer):
         for rnd in range(1, cfg.probe.rounds + 1):
             rc = RoundConfig(server_round=rnd, lr=lr, local_steps=cfg.train.local_steps,
                              batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                              seed=cfg.seed + 7_000_001, max_grad_norm=cfg.train.max_grad_norm,
                              snapshot_keys=keys, snapshot_steps=True,
                              train_lora_a=cfg.lora.variant != "ffa")  # the run's clients train like this
-            update = trainer.train(theta0, rc, data)
+            update = trainer.train(theta0, rc, pc.data)
             for t in range(1, cfg.train.local_steps + 1):
                 snaps.append({k: update.attachments[f"step/{t}/{k}"] for k in keys})
-                labels.append(label)
-                clients.append(data.client_id)
+                labels.append(pc.label)
+                clients.append(pc.data.client_id)
                 steps.append(t)
+                cfold.append(pc.category_fold)
+                sfold.append(pc.style_fold)
+                transfer.append(pc.transfer)
         if on_client is not None:
-            on_client(data.client_id, label)
-    return ProbeDataset(snaps, np.array(labels), np.array(clients), np.array(steps))
+            on_client(pc.data.client_id, pc.label)
+    return ProbeDataset(snaps, np.array(labels), np.array(clients), np.array(steps), np.array(cfold),
+                        np.array(sfold), np.array(transfer, dtype=bool))
 
 
 def _features(spec: FeatureSpec, snaps) -> np.ndarray:
@@ -99,27 +185,95 @@ def _features(spec: FeatureSpec, snaps) -> np.ndarray:
 
 
 def _split_clients(ds: ProbeDataset, share: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out samples: a share of the probe clients of each class."""
+    """Boolean mask of held-out samples: a share of the (non-transfer) probe clients of each class."""
     rng = numpy_rng(seed, "probe-holdout")
     held = set()
     for label in (0, 1):
-        ids = sorted(set(ds.clients[ds.labels == label].tolist()))
+        ids = sorted(set(ds.clients[(ds.labels == label) & ~ds.transfer].tolist()))
         k = max(1, int(round(share * len(ids))))
         held.update(rng.choice(ids, size=k, replace=False).tolist())
     return np.isin(ds.clients, sorted(held))
 
 
+def conformal_threshold(benign_scores: np.ndarray, target_fpr: float) -> float:
+    """Split-conformal τ: the ceil((n + 1)(1 - α))-th smallest benign score, so a new benign score exceeds it
+    with probability at most α (exchangeability); nudged just above that score because flags use >=."""
+    # Scores are float32 (the probe's output) and compared in float32: step to the next float32 above.
+    s = np.sort(np.asarray(benign_scores, dtype=np.float32))
+    n = len(s)
+    if n == 0:
+        raise ValueError("no held-out benign scores to calibrate the threshold on")
+    if (n + 1) * (1 - target_fpr) > n:
+        log.warning("only %d held-out benign probe scores: too few for FPR %.3f (needs %d); tau is their maximum",
+                    n, target_fpr, math.ceil(1 / target_fpr) - 1)
+    rank = min(n, math.ceil((n + 1) * (1 - target_fpr)))
+    tau = float(np.nextafter(s[rank - 1], np.float32(1.0)))
+    return min(max(tau, 1e-6), 1 - 1e-6)
+
+
+def _fit(cfg: ExperimentConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
+    return fit_probe(x, y, cfg.probe.classifier, cfg.seed, cfg.probe.regularisation)
+
+
+def _threshold(cfg: ExperimentConfig, benign_scores: np.ndarray) -> float:
+    if cfg.probe.calibration == "conformal" and cfg.defense.threshold is None:
+        return conformal_threshold(benign_scores, cfg.probe.target_fpr)
+    return cfg.defense.threshold or 0.8
+
+
+def _check(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds: ProbeDataset, fit_mask: np.ndarray,
+           calib_mask: np.ndarray, test_mask: np.ndarray) -> dict[str, Any]:
+    """Fit on ``fit_mask``, calibrate τ on the benign samples of ``calib_mask``, score ``test_mask`` (benign
+    calibration samples + the malicious test samples) at that τ."""
+    params = _fit(cfg, x[fit_mask], ds.labels[fit_mask])
+    probe = LoRAProbe(spec, cfg.probe.classifier, params, 0.5, {})
+    prob = probe.probabilities(torch.tensor(x))
+    benign_cal = calib_mask & (ds.labels == 0)
+    tau = _threshold(cfg, prob[benign_cal])
+    m = detection_metrics(ds.labels[test_mask], prob[test_mask], tau)
+    return {"threshold": tau, "auroc": m["auroc"], "tpr": m["recall"], "fpr": m["fpr"],
+            "malicious_samples": int((test_mask & (ds.labels == 1)).sum()),
+            "benign_samples": int((test_mask & (ds.labels == 0)).sum())}
+
+
+def transfer_checks(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds: ProbeDataset,
+                    held: np.ndarray) -> dict[str, Any]:
+    """Leave-categories-out and leave-styles-out: a probe fit without one fold of malicious clients, calibrated on
+    the held-out benign clients, scored on that fold's clients (all of them, never seen) and the held-out benign."""
+    base = ~ds.transfer
+    benign_train, benign_held = base & ~held & (ds.labels == 0), base & held & (ds.labels == 0)
+    out: dict[str, Any] = {}
+    for name, fold in (("leave_categories_out", ds.category_fold), ("leave_styles_out", ds.style_fold)):
+        folds = sorted({int(f) for f in fold[base & (ds.labels == 1)] if f >= 0})
+        if len(folds) < 2:
+            out[name] = None
+            continue
+        per_fold = []
+        for f in folds:
+            unseen = base & (ds.labels == 1) & (fold == f)
+            seen = base & (ds.labels == 1) & (fold != f) & ~held
+            per_fold.append(_check(cfg, spec, x, ds, benign_train | seen, benign_held, benign_held | unseen))
+        out[name] = {"folds": per_fold, **_pooled(per_fold)}
+    return out
+
+
+def _pooled(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst fold's AUROC and TPR, and the highest FPR: what a user should expect on unseen harm."""
+    vals = lambda k: [f[k] for f in per_fold if f[k] is not None]  # noqa: E731
+    return {"auroc_min": min(vals("auroc"), default=None), "tpr_min": min(vals("tpr"), default=None),
+            "fpr_max": max(vals("fpr"), default=None)}
+
+
 def evaluate_selections(cfg: ExperimentConfig, ds: ProbeDataset, shapes, selections=SELECTIONS) -> dict[str, dict]:
     """Held-out detection quality of each feature selection on the same snapshots."""
     held = _split_clients(ds, cfg.probe.holdout_share, cfg.seed)
+    base = ~ds.transfer
     out = {}
     for sel in selections:
         spec = FeatureSpec.build(shapes, sel, cfg.probe.projection_dim, cfg.seed)
         x = _features(spec, ds.snapshots)
-        params = fit_probe(x[~held], ds.labels[~held], cfg.probe.classifier, cfg.seed, cfg.probe.regularisation)
-        probe = LoRAProbe(spec, cfg.probe.classifier, params, cfg.defense.threshold, {})
-        prob = probe.probabilities(torch.tensor(x[held]))
-        out[sel] = {"dim": spec.dim, **detection_metrics(ds.labels[held], prob, cfg.defense.threshold)}
+        r = _check(cfg, spec, x, ds, base & ~held, base & held, base & held)
+        out[sel] = {"dim": spec.dim, **r}
     return out
 
 
@@ -127,21 +281,37 @@ def train_probe(cfg: ExperimentConfig, ds: ProbeDataset, shapes, compat: dict[st
     spec = FeatureSpec.build(shapes, cfg.probe.selection, cfg.probe.projection_dim, cfg.seed)
     x = _features(spec, ds.snapshots)
     held = _split_clients(ds, cfg.probe.holdout_share, cfg.seed)
-    params = fit_probe(x[~held], ds.labels[~held], cfg.probe.classifier, cfg.seed, cfg.probe.regularisation)
-    probe = LoRAProbe(spec, cfg.probe.classifier, params, cfg.defense.threshold, compat)
-    prob = probe.probabilities(torch.tensor(x[held]))
-    metrics = detection_metrics(ds.labels[held], prob, cfg.defense.threshold)
-    last = ds.steps[held] == ds.steps.max()
-    metrics["last_step"] = detection_metrics(ds.labels[held][last], prob[last], cfg.defense.threshold)
+    base = ~ds.transfer
+    fit_mask = base & ~held
+    params = _fit(cfg, x[fit_mask], ds.labels[fit_mask])
+    probe = LoRAProbe(spec, cfg.probe.classifier, params, 0.5, compat)
+    prob = probe.probabilities(torch.tensor(x))
+    # τ from the held-out benign clients' scores; the artifact keeps the probe fit without them, so the
+    # calibration stays out of sample for every benign client the federation will have.
+    probe.threshold = tau = _threshold(cfg, prob[base & held & (ds.labels == 0)])
+    test = base & held
+    metrics = detection_metrics(ds.labels[test], prob[test], tau)
+    metrics["threshold"] = tau
+    metrics["calibration"] = (f"conformal at FPR {cfg.probe.target_fpr} on held-out benign probe clients"
+                              if cfg.probe.calibration == "conformal" and cfg.defense.threshold is None
+                              else "fixed")
+    last = test & (ds.steps == ds.steps.max())
+    metrics["last_step"] = detection_metrics(ds.labels[last], prob[last], tau)
     # Detection at each local step: how many shadow steps a cheaper shadow level needs.
-    metrics["by_step"] = {int(t): detection_metrics(ds.labels[held][ds.steps[held] == t], prob[ds.steps[held] == t],
-                                                    cfg.defense.threshold) for t in sorted(set(ds.steps.tolist()))}
-    benign_clients = sorted(set(ds.clients[held & (ds.labels == 0)].tolist()))
-    flagged = [c for c in benign_clients if (prob[(ds.clients[held] == c)] >= cfg.defense.threshold).mean() > 0.5]
+    metrics["by_step"] = {int(t): detection_metrics(ds.labels[test & (ds.steps == t)], prob[test & (ds.steps == t)], tau)
+                          for t in sorted(set(ds.steps.tolist()))}
+    benign_clients = sorted(set(ds.clients[test & (ds.labels == 0)].tolist()))
+    flagged = [c for c in benign_clients if (prob[ds.clients == c] >= tau).mean() > 0.5]
     metrics["benign_client_fpr"] = len(flagged) / len(benign_clients) if benign_clients else None
-    metrics["samples"] = {"train": int((~held).sum()), "heldout": int(held.sum())}
-    # Refit on every probe client for the artifact; the metrics above stay held-out ones.
-    probe.tensors = fit_probe(x, ds.labels, cfg.probe.classifier, cfg.seed, cfg.probe.regularisation)
+    metrics["samples"] = {"train": int(fit_mask.sum()), "heldout": int(test.sum()),
+                          "transfer": int(ds.transfer.sum())}
+    if ds.transfer.any():
+        t_mask = ds.transfer | (test & (ds.labels == 0))
+        m = detection_metrics(ds.labels[t_mask], prob[t_mask], tau)
+        metrics["transfer_source"] = {"source": cfg.probe.transfer_source, "auroc": m["auroc"], "tpr": m["recall"],
+                                      "fpr": m["fpr"], "malicious_samples": int(ds.transfer.sum())}
+    if cfg.probe.transfer_checks:
+        metrics.update(transfer_checks(cfg, spec, x, ds, held))
     probe.metrics = metrics
     return probe
 
@@ -159,7 +329,7 @@ def build_probe(cfg: ExperimentConfig, loaded, trainer, theta0, out_dir: Path | 
         probe.metrics["selection_comparison"] = comparison
     probe.save(out_dir)
     m = probe.metrics
-    log.info("probe %s: held-out AUROC %s, precision %s, recall %s, FPR %s at tau=%.2f", out_dir,
+    log.info("probe %s: held-out AUROC %s, precision %s, recall %s, FPR %s at tau=%.4f", out_dir,
              *(f"{m[k]:.4f}" if m[k] is not None else "n/a" for k in ("auroc", "precision", "recall", "fpr")),
              probe.threshold)
     return probe, out_dir, comparison

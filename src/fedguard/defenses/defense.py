@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedguard.config import DefenseConfig
+from fedguard.config import DefenseConfig, split_level
 from fedguard.defenses.features import FeatureError, adapter_delta
 from fedguard.defenses.levels import ClientLevel, EvidenceLevel, StepLevel, shadow_weight
 from fedguard.defenses.probe import LoRAProbe
@@ -37,12 +37,16 @@ class Verdict:
     probabilities: list[float] = field(default_factory=list)  # per probed step
     score: float | None = None  # summary P(malicious): last probed step
     rho: float | None = None  # share of probed steps flagged
-    status: str = "scored"  # scored | unscored (fail policy applied) | frozen (no probing this round)
+    status: str = "scored"  # scored | unscored (fail policy applied) | frozen (no probing this round) | audited
     reason: str = ""
+    audit: dict[str, Any] | None = None  # the behaviour audit's measurements, where it ran
 
     @property
     def suspicion(self) -> float:
-        """The ranking score for AUROC: the probe's probability where it ran, else 1 - weight."""
+        """The ranking score for AUROC: the probe's probability where only the probe ran, the audit's distance
+        where only the audit ran, else 1 - weight."""
+        if self.audit is not None:
+            return self.audit["distance"] if self.score is None else 1.0 - self.weight
         return self.score if self.score is not None else 1.0 - self.weight
 
     def to_json(self) -> dict[str, Any]:
@@ -60,13 +64,15 @@ class DefenseOutcome:
 class ProbeDefense:
     def __init__(self, cfg: DefenseConfig, probe: LoRAProbe, theta0: AdapterState, local_steps: int,
                  samples_per_step: int, lr: float):
-        if cfg.level == "none":
-            raise ValueError("ProbeDefense needs a defense level other than 'none'")
+        self.level = split_level(cfg.level)[0]
+        if self.level is None:
+            raise ValueError(f"ProbeDefense needs a probe level (step, client, shadow, evidence), not '{cfg.level}'")
         self.cfg, self.probe, self.theta0 = cfg, probe, theta0
         self.local_steps, self.samples_per_step = local_steps, samples_per_step
         self.shadow_steps = cfg.shadow_steps or local_steps
         self.shadow_lr = cfg.shadow_lr or lr
-        tau = cfg.threshold
+        # tau: the config's, else the probe's own (calibrated on the defender's held-out benign clients)
+        self.threshold = tau = cfg.threshold if cfg.threshold is not None else probe.threshold
         self.step_level = StepLevel(cfg.decay, cfg.prefilter_round)
         self.client_level = ClientLevel(knee=tau, slope=cfg.slope, prefilter_round=cfg.prefilter_round)
         self.evidence_level = EvidenceLevel(cfg.eta, tau, cfg.evidence_min, cfg.audit_interval, cfg.reaudit_malicious)
@@ -74,7 +80,7 @@ class ProbeDefense:
     # -- what clients must send --------------------------------------------------------------------
     def client_requests(self, server_round: int, client_id: str) -> dict[str, Any]:
         """RoundConfig fields this client must honour in this round."""
-        level, r0 = self.cfg.level, server_round - 1
+        level, r0 = self.level, server_round - 1
         keys = tuple(self.probe.spec.keys)
         if level == "step" and r0 < self.cfg.prefilter_round:
             return {"snapshot_keys": keys, "snapshot_steps": True}
@@ -112,7 +118,7 @@ class ProbeDefense:
         return probs
 
     def weigh(self, server_round: int, global_adapter: AdapterState, updates: list[ClientUpdate]) -> DefenseOutcome:
-        level, tau, r0 = self.cfg.level, self.cfg.threshold, server_round - 1
+        level, tau, r0 = self.level, self.threshold, server_round - 1
         verdicts = []
         for u in updates:
             cid = u.client_id
@@ -164,3 +170,51 @@ class ProbeDefense:
         self.step_level.load_state_dict(d["step"])
         self.client_level.load_state_dict(d["client"])
         self.evidence_level.load_state_dict(d["evidence"])
+
+
+class Defense:
+    """The configured defense: a probe level, the behaviour audit, or both (their weights multiply).
+
+    The server calls ``client_requests``, ``weigh`` and ``state_dict``/``load_state_dict``; which parts run is
+    ``defense.level`` (``shadow``, ``audit``, ``shadow+audit``, ...)."""
+
+    def __init__(self, cfg: DefenseConfig, probe_defense: ProbeDefense | None, audit=None):
+        if probe_defense is None and audit is None:
+            raise ValueError("a defense needs a probe level or the behaviour audit")
+        self.cfg, self.probe_defense, self.audit = cfg, probe_defense, audit
+
+    @property
+    def threshold(self) -> float | None:
+        return self.probe_defense.threshold if self.probe_defense is not None else None
+
+    def client_requests(self, server_round: int, client_id: str) -> dict[str, Any]:
+        return self.probe_defense.client_requests(server_round, client_id) if self.probe_defense else {}
+
+    def weigh(self, server_round: int, global_adapter: AdapterState, updates: list[ClientUpdate]) -> DefenseOutcome:
+        if self.probe_defense is not None:
+            verdicts = self.probe_defense.weigh(server_round, global_adapter, updates).verdicts
+        else:
+            verdicts = [Verdict(str(u.client_id), 1.0, status="audited") for u in updates]
+        if self.audit is not None and updates:
+            for v, r in zip(verdicts, self.audit.assess(global_adapter, updates)):
+                v.audit = r.to_json()
+                v.weight = max(v.weight * r.weight, self.cfg.min_weight)
+        weights = [v.weight for v in verdicts]
+        mean = sum(weights) / len(weights) if weights else 0.0
+        return DefenseOutcome(weights, verdicts, skip=bool(weights) and mean < self.cfg.skip_below, mean_weight=mean)
+
+    @property
+    def audit_seconds(self) -> float | None:
+        return self.audit.last_seconds if self.audit is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        out = self.probe_defense.state_dict() if self.probe_defense is not None else {}
+        if self.audit is not None:
+            out["audit"] = self.audit.state_dict()
+        return out
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if self.probe_defense is not None:
+            self.probe_defense.load_state_dict(d)
+        if self.audit is not None and "audit" in d:
+            self.audit.load_state_dict(d["audit"])

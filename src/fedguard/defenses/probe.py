@@ -22,7 +22,7 @@ import torch
 from fedguard.defenses.features import FeatureSpec
 from fedguard.io import atomic_write_json, load_tensors, publish_dir, save_tensors
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: content fingerprint, training settings, calibrated threshold
 CLASSIFIERS = ("logistic", "mlp")
 
 
@@ -30,12 +30,18 @@ class ProbeMismatch(ValueError):
     pass
 
 
-def compat_stamp(fingerprint: dict[str, Any], lora: dict[str, Any], lr: float, shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Everything a probe's features depend on."""
+LORA_STAMP_KEYS = ("r", "alpha", "dropout", "target_modules", "init_seed", "variant")
+
+
+def compat_stamp(fingerprint: dict[str, Any], lora: dict[str, Any], lr: float, shapes: dict[str, tuple[int, ...]],
+                 training: dict[str, Any] | None = None) -> dict:
+    """Everything a probe's features depend on: the model by content, the LoRA config, the learning rate, the
+    adapter's tensors, and how clients train (batch size, local steps)."""
     return {
         "model": fingerprint,
-        "lora": {k: lora[k] for k in ("r", "alpha", "target_modules", "init_seed")},
+        "lora": {k: lora[k] for k in LORA_STAMP_KEYS if k in lora},
         "lr": float(lr),
+        "training": dict(training or {}),
         "adapter_shapes": {k: list(v) for k, v in sorted(shapes.items())},
     }
 

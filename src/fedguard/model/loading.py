@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import sys
-import json
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ class LoadedModel:
     path: str  # resolved folder or hub id
     device: torch.device
     compute_dtype: torch.dtype  # what matmuls run in (bf16 under autocast, or fp32)
+    _fingerprint: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def autocast_enabled(self) -> bool:
@@ -39,12 +38,16 @@ class LoadedModel:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Identifies the base model: name plus a hash of its architecture config (no weights read)."""
-        cfg = self.model.config.to_dict()
-        for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"):
-            cfg.pop(k, None)
-        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return {"name": self.model.config._name_or_path or self.path, "config_sha256_16": digest}
+        """Identifies the base model by content (architecture, tokenizer, weights; ``name`` is for people):
+        computed once per process, the weight hash cached on disk."""
+        if self._fingerprint is None:
+            from fedguard.model.fingerprint import model_fingerprint
+            from fedguard.model.registry import cache_root
+
+            self._fingerprint = {"name": self.model.config._name_or_path or self.path,
+                                 **model_fingerprint(self.model.config, self.tokenizer, self.path,
+                                                     cache_root() / "fingerprints")}
+        return self._fingerprint
 
 
 def cpu_supports_bf16() -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedguard.config import ExperimentConfig, build_config
+from fedguard.config import ExperimentConfig, build_config, split_level
 from fedguard.data.federation import build_client_data, build_eval_data
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import LocalTrainer
@@ -37,7 +37,7 @@ from fedguard.federated.types import RoundConfig, ServerState
 from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read_ndjson, save_tensors
 from fedguard.model.loading import load_base_model
 from fedguard.model.lora import attach_lora, embed_rank, export_peft_adapter
-from fedguard.seeding import derive_seed
+from fedguard.seeding import derive_seed, numpy_rng
 from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fedguard.simulation.population import build_population
 from fedguard.simulation.progress import RunProgress
@@ -251,6 +251,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         if defense is not None:
             record["defense"] = {"skipped": outcome.skipped, "verdicts": [v.to_json() for v in outcome.verdicts],
                                  "detection": detection_summary(outcome.verdicts, population)}
+            if defense.audit_seconds is not None:
+                record["defense"]["audit_seconds"] = defense.audit_seconds
         if outcome.screening is not None:  # what the aggregation rule itself let count
             record["screening"] = {"kept": outcome.screening,
                                    "detection": screening_summary(outcome.screening, population)}
@@ -312,7 +314,7 @@ def round_config(cfg: ExperimentConfig, server_round: int) -> RoundConfig:
 
 def needs_probe(cfg: ExperimentConfig) -> bool:
     """The server's defense needs a probe, or a probe-aware attacker borrows the server's."""
-    return cfg.defense.level != "none" or (
+    return split_level(cfg.defense.level)[0] is not None or (
         cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients > 0
         and not cfg.attack.probe)
 
@@ -345,10 +347,10 @@ def ensure_probe(cfg: ExperimentConfig) -> Path | None:
 
 
 def build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
-    """The probe defense of ``cfg.defense`` (None for level 'none'), and the probe simulated attackers know:
+    """The defense of ``cfg.defense`` (None for level 'none'), and the probe simulated attackers know:
     ``attack.probe`` when given, else the server's (loaded, or built and cached, when a probe-aware
     attacker needs it even without a defense)."""
-    from fedguard.defenses.defense import ProbeDefense
+    from fedguard.defenses.defense import Defense, ProbeDefense
     from fedguard.defenses.probe import LoRAProbe
 
     server_probe, probe_dir = None, None
@@ -356,13 +358,39 @@ def build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
         probe_dir, compat = _probe_dir(cfg, loaded, trainer, theta0, progress)
         server_probe = LoRAProbe.load(probe_dir, expect=compat)
     attacker_probe = LoRAProbe.load(cfg.attack.probe) if cfg.attack.probe else server_probe
-    if cfg.defense.level == "none":
+    probe_level, audit = split_level(cfg.defense.level)
+    if probe_level is None and not audit:
         return None, attacker_probe
-    defense = ProbeDefense(cfg.defense, server_probe, theta0, cfg.train.local_steps,
-                           cfg.train.batch_size * cfg.train.grad_accum, cfg.train.lr)
-    log.info("defense: %s level, probe %s (held-out AUROC %s)", cfg.defense.level, probe_dir,
-             server_probe.metrics.get("auroc"))
-    return defense, attacker_probe
+    probe_defense = None
+    if probe_level is not None:
+        probe_defense = ProbeDefense(cfg.defense, server_probe, theta0, cfg.train.local_steps,
+                                     cfg.train.batch_size * cfg.train.grad_accum, cfg.train.lr)
+        log.info("defense: %s level, probe %s (held-out AUROC %s, tau %.4f)", probe_level, probe_dir,
+                 server_probe.metrics.get("auroc"), probe_defense.threshold)
+    behaviour = build_audit(cfg, loaded, trainer) if audit else None
+    return Defense(cfg.defense, probe_defense, behaviour), attacker_probe
+
+
+def build_audit(cfg: ExperimentConfig, loaded, trainer):
+    """The behaviour audit with the server's private prompts: the defender's probe split of its own sources."""
+    from fedguard.data.federation import DataTokenizer, sample_examples
+    from fedguard.data.readers import load_source
+    from fedguard.defenses.audit import BehaviourAudit
+
+    a = cfg.defense.audit
+    seed = cfg.seed + a.seed + 9_000_011
+    tok = DataTokenizer(loaded.tokenizer, cfg)
+    rng = numpy_rng(seed, "audit-prompts")
+    harmful = sample_examples(load_source(a.harmful_source, "probe", a.harmful_examples, seed), a.harmful_examples,
+                              rng, "defense.audit.harmful_source")
+    benign = []
+    if a.benign_examples:
+        benign = sample_examples(load_source(a.benign_source, "probe", a.benign_examples, seed), a.benign_examples,
+                                 rng, "defense.audit.benign_source")
+    log.info("defense: behaviour audit on %d refusal and %d benign examples of the server's own", len(harmful),
+             len(benign))
+    return BehaviourAudit(a, trainer.slot, trainer.loss, tok(harmful), tok(benign), loaded.tokenizer.pad_token_id,
+                          cfg.eval.batch_size)
 
 
 def detection_summary(verdicts, population) -> dict[str, Any]:
