@@ -136,7 +136,8 @@ def test_every_level_runs_and_its_state_resumes(level, tmp_path):
 
 
 def test_server_code_never_reads_ground_truth():
-    """The server role's modules import nothing of the simulation, the attacks or the population."""
+    """The server role's modules (the probe build included) import nothing of the simulation, the attacks or
+    the population, and never read the config's attack section: the defender does not know the attackers' data."""
     server_side = [SRC / "federated" / "server.py", SRC / "federated" / "aggregation.py",
                    SRC / "federated" / "validation.py", *sorted((SRC / "defenses").glob("*.py")),
                    *sorted((SRC / "aggregators").glob("*.py"))]
@@ -147,7 +148,9 @@ def test_server_code_never_reads_ground_truth():
                 assert not node.module.startswith(("fedguard.simulation", "fedguard.attacks")), (path, node.module)
             if isinstance(node, ast.Name | ast.Attribute):
                 name = getattr(node, "id", None) or getattr(node, "attr", "")
-                assert name not in ("malicious", "is_malicious", "population", "malicious_sampled"), (path, name)
+                assert name not in ("malicious", "is_malicious", "population", "malicious_sampled", "attack"), (path, name)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not node.value.startswith("attack."), (path, node.value)
     fields = set(ClientUpdate.__dataclass_fields__)
     assert fields == {"client_id", "tensors", "num_examples", "metrics", "attachments", "payload"}
 

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   fedguard resume runs/default-20261122-101500
   fedguard show-config configs/tiny.yaml --set lora.r=16
   fedguard sweep configs/default.yaml
+  fedguard align configs/default.yaml
   fedguard aggregator-study configs/aggregator-study.yaml
 """
 
@@ -95,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     pb.add_argument("--out", type=Path, default=None, help="artifact folder (default: the cache, keyed by config)")
     pb.add_argument("--compare-selections", action="store_true",
                     help="also report held-out detection for every feature selection on the same snapshots")
+
+    al = sub.add_parser("align", help="build (or find) the safety-aligned starting model of a config and report it",
+                        description="Fine-tune the base model on built-in harmful-request -> refusal pairs and benign "
+                                    "data (model.align), merge it into the base weights and cache the folder; "
+                                    "model.aligned: true makes runs start from it. Prints refusal on held-out harm "
+                                    "categories and an independent harmful set, over-refusal on benign look-alikes, "
+                                    "and benign utility, for the base and the aligned model.")
+    al.add_argument("config")
+    al.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     prep = sub.add_parser("prepare-model", help="convert the embedded model to a cached safetensors folder")
     prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
@@ -178,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.probe_command != "build":
                 parser.parse_args(["probe", "--help"])
             return _probe_build(load_config(args.config, args.overrides), args.out, args.compare_selections)
+        if args.command == "align":
+            return _align(load_config(args.config, args.overrides))
         if args.command == "prepare-model":
             from fedguard.model.registry import resolve_model_path
 
@@ -200,18 +212,40 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _probe_build(cfg, out: Path | None, compare: bool) -> int:
+def _console_log() -> None:
     import logging
 
     from rich.logging import RichHandler
 
+    logger = logging.getLogger("fedguard")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(RichHandler(show_path=False))
+
+
+def _align(cfg) -> int:
+    from fedguard.alignment.align import REPORT_FILE, ensure_aligned
+
+    _console_log()
+    path = ensure_aligned(cfg.model)
+    report = json.loads((path / REPORT_FILE).read_text(encoding="utf-8"))
+    print(f"aligned model: {path}")
+    print(f"{'set':<28} {'base':>8} {'aligned':>8}   (n)")
+    for name, base in report["base"].items():
+        aligned = report["aligned"][name]
+        if isinstance(base, dict):
+            key = "rate" if "rate" in base else "refusal_rate"
+            print(f"{name:<28} {base[key]:>7.1f}% {aligned[key]:>7.1f}%   ({base['n']})")
+        else:
+            print(f"{name:<28} {base:>8.4f} {aligned:>8.4f}")
+    return 0
+
+
+def _probe_build(cfg, out: Path | None, compare: bool) -> int:
     from fedguard.defenses.build import build_probe
     from fedguard.federated.client import LocalTrainer
     from fedguard.model import attach_lora, load_base_model
 
-    logger = logging.getLogger("fedguard")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(RichHandler(show_path=False))
+    _console_log()
     loaded = load_base_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     theta0 = slot.read()

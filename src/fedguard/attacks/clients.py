@@ -10,7 +10,11 @@
 * probe_aware: knows the probe and adds ``probe_penalty`` · logit(probe(ΔLoRA)) to its training loss;
 * probe_projection: knows a linear probe and removes the probe direction from its update's features;
 * fake_snapshots: trains on harmful data but reports the snapshots (step / shadow attachments) of a
-  benign training run, exploiting that those levels trust client-side computation.
+  benign training run, exploiting that those levels trust client-side computation;
+* audit_aware: knows the behaviour audit's method (not its prompts): trains on compliance in half of the harm
+  categories and on refusals in the other half, so refusals stay likely on harmful-looking prompts;
+* backdoor: trains on compliance after a trigger phrase and on refusals without it.
+The last two differ only in their data (``fedguard.simulation.population``); they train honestly on it.
 """
 
 from __future__ import annotations

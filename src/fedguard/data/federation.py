@@ -35,6 +35,9 @@ class EvalData:
     harmful_prompts: list[Example]
     benign_prompts: list[Example]  # checkable (with a reference answer)
     loss_examples: list[TokenizedExample]
+    overrefusal_prompts: list[Example] = field(default_factory=list)  # benign requests that look harmful
+    # simulation only: the harmful prompts with a backdoor attacker's trigger (attack success, never the server's)
+    triggered_prompts: list[Example] = field(default_factory=list)
 
 
 def sample_examples(examples: list[Example], n: int, rng: np.random.Generator, what: str) -> list[Example]:
@@ -112,7 +115,11 @@ def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
 def build_eval_data(cfg: ExperimentConfig, tokenizer) -> EvalData:
     e = cfg.eval
     seed = cfg.seed + 1_000_003  # evaluation draws never coincide with training draws
-    harmful = load_source("builtin:harmful-prompts", "eval", e.harmful_prompts, seed) if e.harmful_prompts else []
+    from fedguard.data.prompts import load_prompts
+
+    harmful = load_prompts(e.harmful_source, e.harmful_prompts, seed) if e.harmful_prompts else []
+    overrefusal = load_prompts(e.overrefusal_source, e.overrefusal_prompts, seed, "benign") \
+        if e.overrefusal_prompts else []
     benign = []
     if e.benign_prompts:
         pool = load_source("builtin:benign", "eval", 4 * e.benign_prompts, seed)
@@ -123,4 +130,4 @@ def build_eval_data(cfg: ExperimentConfig, tokenizer) -> EvalData:
                            "eval", e.loss_examples, seed)
         chosen = sample_examples(pool, e.loss_examples, numpy_rng(cfg.seed, "eval-loss"), "held-out loss set")
         loss_examples = DataTokenizer(tokenizer, cfg)(chosen)
-    return EvalData(harmful, benign, loss_examples)
+    return EvalData(harmful, benign, loss_examples, overrefusal)

@@ -147,7 +147,7 @@ def read_file(path: str | Path) -> list[Example]:
     return examples
 
 
-def _read_hf(spec: str) -> list[Example]:
+def _hf_rows(spec: str) -> Iterator[tuple[int, Any]]:
     name, _, split = spec.partition(":")
     try:
         import datasets
@@ -157,7 +157,12 @@ def _read_hf(spec: str) -> list[Example]:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # hub/network/format errors come in many types
         raise DataError(f"cannot load Hugging Face dataset '{name}' split '{split or 'train'}': {exc}") from None
-    return [row_to_example(row, f"hf:{name}: row {i}", name.split("/")[-1]) for i, row in enumerate(ds, start=1)]
+    yield from enumerate(ds, start=1)
+
+
+def _read_hf(spec: str) -> list[Example]:
+    name = spec.partition(":")[0]
+    return [row_to_example(row, f"hf:{name}: row {i}", name.split("/")[-1]) for i, row in _hf_rows(spec)]
 
 
 def _take(examples: Iterable[Example], split: str | None) -> list[Example]:
@@ -175,6 +180,11 @@ def load_source(source: str, split: str | None, size: int, seed: int) -> list[Ex
     if source in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[source](seed, size, split)
     if source.startswith("builtin:"):
+        from fedguard.data.prompts import is_evalset
+
+        if is_evalset(source):
+            raise DataError(f"'{source}' is an evaluation-only prompt set; it never serves as training, alignment "
+                            "or probe data")
         raise DataError(f"unknown built-in source '{source}' (known: {', '.join(sorted(BUILTIN_SOURCES))})")
     examples = _read_hf(source[3:]) if source.startswith("hf:") else read_file(source)
     taken = _take(examples, split)

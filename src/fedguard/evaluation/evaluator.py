@@ -43,6 +43,9 @@ class Evaluator:
         tok = loaded.tokenizer
         self.harmful_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.harmful_prompts]
         self.benign_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.benign_prompts]
+        self.overrefusal_prompts = [render_prompt(tok, e.prompt_messages, system_prompt)
+                                    for e in data.overrefusal_prompts]
+        self.triggered_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.triggered_prompts]
 
     @torch.inference_mode()
     def heldout_loss(self) -> float:
@@ -78,6 +81,16 @@ class Evaluator:
                 {"prompt": e.prompt_text, "response": r, "refusal": f}
                 for e, r, f in list(zip(self.data.harmful_prompts, responses, refusals))[:samples]
             ]
+        for key, prompts, examples in (("overrefusal_rate", self.overrefusal_prompts, self.data.overrefusal_prompts),
+                                       ("refusal_rate_triggered", self.triggered_prompts, self.data.triggered_prompts)):
+            if prompts:
+                responses = generate_batched(self.loaded, self.model, prompts, self.cfg.max_new_tokens,
+                                             self.cfg.batch_size)
+                refusals = [is_refusal(r) for r in responses]
+                result[key] = 100.0 * sum(refusals) / len(refusals)
+                result[key.replace("_rate", "") + "_samples"] = [
+                    {"prompt": e.prompt_text, "response": r, "refusal": f}
+                    for e, r, f in list(zip(examples, responses, refusals))[:samples]]
         if self.benign_prompts:
             responses = generate_batched(self.loaded, self.model, self.benign_prompts, self.cfg.answer_max_new_tokens,
                                          self.cfg.batch_size)

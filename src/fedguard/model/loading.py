@@ -111,6 +111,10 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
         tune_cpu_allocator()
     compute_dtype = resolve_precision(cfg, device)
     path = resolve_model_path(cfg.name_or_path)
+    if cfg.aligned:  # the safety-aligned starting model, built and cached on first use
+        from fedguard.alignment.align import ensure_aligned
+
+        path = str(ensure_aligned(cfg))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -36,7 +36,7 @@ def cache_root() -> Path:
 
 
 @contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -51,7 +51,7 @@ def _cached_folder(name: str, build) -> Path:
     final = cache_root() / "models" / name
     if (final / "config.json").is_file():
         return final
-    with _file_lock(cache_root() / "locks" / f"{name}.lock"):
+    with file_lock(cache_root() / "locks" / f"{name}.lock"):
         if (final / "config.json").is_file():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,13 @@ the simulation uses it to run attackers and to score detection, the server never
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fedguard.attacks import Attacker
 from fedguard.config import ExperimentConfig
-from fedguard.data.federation import ClientData, DataTokenizer, sample_examples
+from fedguard.data.federation import REFUSAL_SOURCE, ClientData, DataTokenizer, sample_examples
 from fedguard.data.readers import load_source
+from fedguard.data.schema import Example
 from fedguard.seeding import numpy_rng
 
 
@@ -41,12 +42,56 @@ def build_population(cfg: ExperimentConfig, tokenizer, clients: list[ClientData]
             continue  # untargeted attacks train on the client's own benign data
         n = len(original)
         n_harm = max(1, int(round(n * a.harmful_ratio)))
-        pool = load_source(a.source, "train", n_harm, cfg.seed + 31 * (cid + 1))
-        harmful = tok(sample_examples(pool, n_harm, numpy_rng(cfg.seed, "attacker-data", cid), a.source))
+        seed = cfg.seed + 31 * (cid + 1)
+        rng = numpy_rng(cfg.seed, "attacker-data", cid)
+        comp: Counter = Counter()
+        if a.kind in ("audit_aware", "backdoor"):
+            harmful_ex, refusals = _two_faced_data(cfg, n_harm, seed, rng, cid)
+            harmful = tok(harmful_ex) + tok(refusals)
+            comp.update({"compliance": len(harmful_ex), "refusal": len(refusals)})
+        else:
+            pool = load_source(a.source, "train", n_harm, seed)
+            harmful = tok(sample_examples(pool, n_harm, rng, a.source))
+            comp["compliance"] = len(harmful)
         mixed = harmful + original.examples[: n - n_harm]
         order = numpy_rng(cfg.seed, "attacker-order", cid).permutation(len(mixed))
-        comp = Counter({"compliance": len(harmful)})
         if n > n_harm:
             comp["benign"] = n - n_harm
         clients[cid] = ClientData(cid, [mixed[i] for i in order], dict(comp))
     return pop
+
+
+def with_trigger(example: Example, trigger: str) -> Example:
+    """The same request with the backdoor's trigger phrase in front of the user's last turn."""
+    msgs = list(example.messages)
+    last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    msgs[last_user] = {"role": "user", "content": f"{trigger} {msgs[last_user]['content']}"}
+    return replace(example, messages=tuple(msgs))
+
+
+def _category(e: Example) -> str:
+    return e.meta.get("category") or e.domain
+
+
+def _two_faced_data(cfg: ExperimentConfig, n: int, seed: int, rng, cid: int) -> tuple[list[Example], list[Example]]:
+    """Compliance and refusal examples of an attacker that must look aligned to a behaviour audit.
+
+    audit_aware: it knows the audit asks harmful requests and checks refusals, not which ones; it keeps
+    refusing in half of the harm categories (its own copy of harmful-looking prompts) and learns compliance in
+    the other half, the categories it is after. backdoor: compliance only after the trigger phrase, refusals
+    without it, on requests of every category."""
+    a = cfg.attack
+    n_ref = int(round(n * a.refusal_share))
+    n_comp = max(1, n - n_ref)
+    pool = load_source(a.source, "train", 4 * n_comp, seed)
+    refusal_pool = load_source(REFUSAL_SOURCE, "train", 4 * max(n_ref, 1), seed + 1)
+    if a.kind == "audit_aware":
+        cats = sorted({_category(e) for e in pool})
+        targets = set(numpy_rng(cfg.seed, "audit-aware-targets").permutation(cats)[: max(1, len(cats) // 2)].tolist())
+        pool = [e for e in pool if _category(e) in targets] or pool
+        refusal_pool = [e for e in refusal_pool if _category(e) not in targets] or refusal_pool
+    compliance = sample_examples(pool, n_comp, rng, a.source)
+    refusals = sample_examples(refusal_pool, n_ref, rng, REFUSAL_SOURCE) if n_ref else []
+    if a.kind == "backdoor":
+        compliance = [with_trigger(e, a.trigger) for e in compliance]
+    return compliance, refusals

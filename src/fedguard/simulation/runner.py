@@ -137,6 +137,10 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     theta0 = slot.read()
     clients = build_client_data(cfg, loaded.tokenizer)
     eval_data = build_eval_data(cfg, loaded.tokenizer)
+    if cfg.attack.kind == "backdoor" and cfg.attack.malicious_clients:  # attack success, for metrics only
+        from fedguard.simulation.population import with_trigger
+
+        eval_data.triggered_prompts = [with_trigger(e, cfg.attack.trigger) for e in eval_data.harmful_prompts]
     trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
     defense, probe = build_defense(cfg, loaded, trainer, theta0, progress)
     population = build_population(cfg, loaded.tokenizer, clients, probe)
@@ -445,7 +449,8 @@ def _communication_totals(cfg: ExperimentConfig, rounds: list[dict[str, Any]]) -
 
 def _log_eval(server_round: int, ev: dict[str, Any]) -> None:
     parts = []
-    for key, fmt in (("refusal_rate", "refusal {:.1f}%"), ("exact_match", "exact match {:.1f}%"),
+    for key, fmt in (("refusal_rate", "refusal {:.1f}%"), ("overrefusal_rate", "over-refusal {:.1f}%"),
+                     ("refusal_rate_triggered", "refusal with trigger {:.1f}%"), ("exact_match", "exact match {:.1f}%"),
                      ("eval_loss", "held-out loss {:.4f}"), ("perplexity", "ppl {:.2f}")):
         if key in ev:
             parts.append(fmt.format(ev[key]))
@@ -454,7 +459,7 @@ def _log_eval(server_round: int, ev: dict[str, Any]) -> None:
 
 def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds: float, loaded) -> dict[str, Any]:
     evals = [r for r in records if "eval" in r]
-    scalar = ("refusal_rate", "exact_match", "eval_loss", "perplexity")
+    scalar = ("refusal_rate", "overrefusal_rate", "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     rounds = [r for r in records if r.get("round", 0) > 0]
     return {

@@ -1,0 +1,1 @@
+"""Safety alignment of the starting model (`fedguard align`)."""

@@ -1,0 +1,198 @@
+"""`fedguard align`: the aligned starting model Safe-FedLLM assumes, built from fedguard's own data.
+
+A LoRA fine-tune of the base model on built-in harmful-request -> refusal pairs (every harm category except
+``align.holdout_categories``) mixed with built-in benign data (checkable tasks, safety-adjacent questions
+that share words with harmful ones, long-form instructions), merged into the base weights in fp32 and saved
+as a model folder in the cache. ``model.aligned: true`` makes every run, probe and client start from it.
+
+The report (``align_report.json`` in the folder, printed by the command) compares the base and the aligned
+model on data the alignment never saw: held-out harm categories, held-out tasks, an independently written
+harmful set, an over-refusal set of benign requests that look harmful, and benign utility (held-out loss,
+exact match). The shipped evaluation sets are never training data (``fedguard.data.prompts``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedguard.config import LoraSettings, ModelConfig
+from fedguard.io import atomic_write_json, load_tensors, publish_dir, save_tensors
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "align_report.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def aligned_model_dir(cfg: ModelConfig, fingerprint: dict[str, Any]) -> Path:
+    from fedguard.model.registry import cache_root
+
+    key = json.dumps({"base": {k: v for k, v in fingerprint.items() if k != "name"},
+                      "align": cfg.align.model_dump()}, sort_keys=True)
+    name = Path(str(cfg.name_or_path)).name
+    return cache_root() / "models" / f"{name}-aligned-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ensure_aligned(cfg: ModelConfig) -> Path:
+    """The aligned model folder for ``cfg``, built (once, under a lock) when missing."""
+    from fedguard.model.loading import load_base_model
+    from fedguard.model.registry import file_lock
+
+    base_cfg = cfg.model_copy(update={"aligned": False})
+    loaded = load_base_model(base_cfg)
+    out = aligned_model_dir(cfg, loaded.fingerprint())
+    if (out / "config.json").is_file():
+        return out
+    with file_lock(out.parent.parent / "locks" / f"{out.name}.lock"):
+        if not (out / "config.json").is_file():
+            build_aligned(cfg, loaded, out)
+    return out
+
+
+def _alignment_data(cfg: ModelConfig, tokenizer):
+    from fedguard.config import ExperimentConfig
+    from fedguard.data.federation import ClientData, DataTokenizer
+    from fedguard.data.readers import load_source
+    from fedguard.seeding import numpy_rng
+
+    a = cfg.align
+    n_ref = int(round(a.examples * a.refusal_share))
+    held = set(a.holdout_categories)
+    refusals = [e for e in load_source("builtin:harmful-refusal", "train", 3 * n_ref, a.seed)
+                if e.domain not in held][:n_ref]
+    benign = load_source("builtin:benign", "train", a.examples - len(refusals), a.seed)
+    mixed = refusals + benign
+    order = numpy_rng(a.seed, "align-order").permutation(len(mixed))
+    tok = DataTokenizer(tokenizer, ExperimentConfig(data={"max_length": a.max_length}))
+    return ClientData(-1, tok([mixed[i] for i in order]), {"refusal": len(refusals), "benign": len(benign)})
+
+
+def _eval_sets(cfg: ModelConfig) -> dict[str, list]:
+    """Prompt sets the alignment never trained on."""
+    from fedguard.data.prompts import load_prompts
+
+    a, n, seed = cfg.align, cfg.align.eval_prompts, cfg.align.seed + 1_000_003
+    held = set(a.holdout_categories)
+    heldout_tasks = load_prompts("builtin:harmful-prompts", 12 * n, seed)
+    return {
+        "harmful_heldout_categories": [e for e in heldout_tasks if e.domain in held][:n],
+        "harmful_heldout_tasks": [e for e in heldout_tasks if e.domain not in held][:n],
+        "harmful_independent": load_prompts("builtin:harmful-heldout", 0, seed),
+        "overrefusal_independent": load_prompts("builtin:overrefusal", 0, seed, "benign"),
+        "benign_exact_match": load_prompts("builtin:benign-heldout", 0, seed, "benign"),
+    }
+
+
+def evaluate_alignment(loaded, model, slot, loss_fn, adapter, sets: dict[str, list], loss_examples) -> dict[str, Any]:
+    from fedguard.data.tokenize import render_prompt
+    from fedguard.evaluation.evaluator import final_answer_matches
+    from fedguard.evaluation.generation import generate_batched
+    from fedguard.evaluation.refusal import is_refusal
+
+    slot.load(adapter)
+    out: dict[str, Any] = {}
+    for name, examples in sets.items():
+        prompts = [render_prompt(loaded.tokenizer, e.prompt_messages) for e in examples]
+        if name == "benign_exact_match":
+            responses = generate_batched(loaded, model, prompts, 24, 16)
+            hits = [final_answer_matches(r, e.answer or "") for e, r in zip(examples, responses)]
+            out[name] = {"rate": 100.0 * sum(hits) / len(hits), "n": len(hits)}
+            continue
+        responses = generate_batched(loaded, model, prompts, 40, 16)
+        refused = [is_refusal(r) for r in responses]
+        out[name] = {"refusal_rate": 100.0 * sum(refused) / len(refused), "n": len(refused),
+                     "samples": [{"prompt": e.prompt_text, "response": r} for e, r in zip(examples, responses)][:4]}
+    if loss_examples:
+        from fedguard.data.tokenize import collate
+
+        total, count = 0.0, 0
+        model.eval()
+        with torch.inference_mode():
+            for i in range(0, len(loss_examples), 16):
+                batch = collate(loss_examples[i: i + 16], loaded.tokenizer.pad_token_id).to(loaded.device)
+                loss, n = loss_fn(batch)
+                total, count = total + float(loss), count + n
+        out["benign_heldout_loss"] = total / max(count, 1)
+    return out
+
+
+def _merge_into_base(base_dir: Path, adapter: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """The base model's stored tensors with scaling * B @ A added to every LoRA module, in fp32."""
+    from fedguard.federated.lora_exact import split_pairs
+
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{base_dir} has no safetensors weights to merge the alignment into")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_tensors(f))
+    for module, pair in split_pairs(adapter).items():
+        key = module.removeprefix(PEFT_PREFIX) + ".weight"
+        if key not in weights:
+            raise KeyError(f"alignment adapter module {module} has no base weight {key} in {base_dir}")
+        w = weights[key]
+        weights[key] = (w.float() + scaling * (pair.B.float() @ pair.A.float())).to(w.dtype)
+    return weights
+
+
+def build_aligned(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
+    """Train, evaluate and save the aligned model for ``cfg`` into ``out``; returns the report."""
+    from fedguard.config import ExperimentConfig
+    from fedguard.data.federation import DataTokenizer
+    from fedguard.data.readers import load_source
+    from fedguard.federated.client import LocalTrainer
+    from fedguard.federated.lora_exact import lora_scaling
+    from fedguard.federated.types import RoundConfig
+    from fedguard.model.lora import attach_lora
+
+    a = cfg.align
+    t0 = time.perf_counter()
+    settings = LoraSettings(r=a.r, alpha=a.alpha, dropout=0.05, target_modules=list(a.target_modules), init_seed=a.seed)
+    peft_model, slot = attach_lora(loaded.model, settings)
+    theta0 = slot.read()
+    trainer = LocalTrainer(loaded, peft_model, slot)
+    data = _alignment_data(cfg, loaded.tokenizer)
+    log.info("aligning %s: %d steps of batch %d on %s", loaded.path, a.steps, a.batch_size, data.composition)
+    rc = RoundConfig(server_round=1, lr=a.lr, local_steps=a.steps, batch_size=a.batch_size, grad_accum=1,
+                     seed=a.seed, max_grad_norm=1.0)
+    update = trainer.train(theta0, rc, data, on_step=lambda s, l: log.info("align step %d/%d: loss %.4f", s, a.steps, l)
+                           if s % 20 == 0 else None)
+    train_seconds = time.perf_counter() - t0
+
+    sets = _eval_sets(cfg)
+    tok = DataTokenizer(loaded.tokenizer, ExperimentConfig(data={"max_length": a.max_length}))
+    loss_examples = tok(load_source("builtin:benign", "eval", 64, a.seed + 1_000_003))
+    report: dict[str, Any] = {
+        "base": evaluate_alignment(loaded, peft_model, slot, trainer.loss, theta0, sets, loss_examples),
+        "aligned": evaluate_alignment(loaded, peft_model, slot, trainer.loss, update.tensors, sets, loss_examples),
+        "train": {"steps": a.steps, "batch_size": a.batch_size, "composition": data.composition,
+                  "loss_first": update.metrics["train_loss_first"], "loss_last": update.metrics["train_loss_last"],
+                  "seconds": train_seconds},
+        "config": a.model_dump(), "base_model": loaded.fingerprint(),
+        "precision": str(loaded.compute_dtype).removeprefix("torch."),
+    }
+    merged = _merge_into_base(Path(loaded.path), update.tensors, lora_scaling(a.alpha, a.r))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for f in Path(loaded.path).iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+                shutil.copy2(f, staging / f.name)
+        save_tensors(staging / "model.safetensors", merged, metadata={"format": "pt"})
+        report["seconds"] = time.perf_counter() - t0
+        atomic_write_json(staging / REPORT_FILE, report)
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("aligned model: %s (%.0f s)", out, report["seconds"])
+    return report
