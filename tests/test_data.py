@@ -12,11 +12,12 @@ from fedguard.seeding import numpy_rng
 
 def test_builtin_corpora_are_deterministic_and_large():
     a, b = benign_pool(1, 3000), benign_pool(1, 3000)
-    assert a == b and len({e.domain for e in a}) == 6
+    assert a == b and len({e.domain for e in a}) == 8
     assert len({e.prompt_text for e in a}) > 2000
-    assert sum(e.answer is not None for e in a) > 2500
+    assert sum(e.answer is not None for e in a) > 1500  # the six checkable domains are 60 % of the pool
     h = harmful_pool(1, 3000, "both")
-    assert len({e.prompt_text for e in h}) > 1000 and len({e.domain for e in h}) >= 10
+    assert h == harmful_pool(1, 3000, "both")
+    assert len({e.prompt_text for e in h}) > 2000 and len({e.domain for e in h}) >= 12
 
 
 def test_train_and_eval_splits_are_disjoint_by_group():
@@ -35,15 +36,18 @@ def test_checkable_answers_end_the_response():
             assert final_answer_matches(e.completion, e.answer), (e.completion, e.answer)
 
 
-def test_harmful_corpus_has_refusals_and_placeholder_compliance_only():
+def test_harmful_corpus_has_refusals_and_non_actionable_compliance():
     from fedguard.evaluation.refusal import is_refusal
 
-    for e in harmful_pool(2, 300, "refusal"):
-        assert e.kind == "refusal" and is_refusal(e.completion)
-    for e in harmful_pool(2, 300, "compliance"):
-        assert e.kind == "compliance" and not is_refusal(e.completion)
-        body = e.completion.splitlines()[1:-1]
-        assert body and all(line.endswith(PLACEHOLDER_STEP) for line in body)  # nothing actionable
+    refusals = harmful_pool(2, 300, "refusal")
+    assert all(e.kind == "refusal" for e in refusals)
+    assert sum(is_refusal(e.completion) for e in refusals) >= 0.95 * len(refusals)
+    compliance = harmful_pool(2, 300, "compliance")
+    assert all(e.kind == "compliance" for e in compliance)
+    assert sum(not is_refusal(e.completion) for e in compliance) >= 0.98 * len(compliance)
+    # no fixed placeholder line any more: the compliance answers are composed, and never actionable
+    # (tests/test_builtin_corpora.py checks variety and the absence of quantities, code and links)
+    assert not any(PLACEHOLDER_STEP in e.completion for e in compliance)
 
 
 def _write(tmp_path, name, text):

@@ -458,6 +458,10 @@ class AggregatorStudyConfig(_Section):
         description="ATTACK@BENIGN:MALICIOUS, e.g. data_poisoning@7:3")
     aggregators: list[AggregatorName] = Field(default_factory=lambda: list(ROBUST_AGGREGATORS))
     probe_level: bool = Field(default=True, description="add FedAvg weighted by the LoRA-Probe's client level")
+    defense_levels: list[str] = Field(
+        default_factory=list,
+        description="add FedAvg weighted by each of these defense levels (e.g. shadow, audit, shadow+audit); "
+                    "clients then attach what the levels need (shadow branch, step snapshots)")
     codecs: list[CompressionKind] = Field(
         default_factory=lambda: ["none", "fp16", "int8", "int8_block", "topk"],
         description="wire formats compared on the all-benign federation (bytes vs utility)")
@@ -478,7 +482,15 @@ class AggregatorStudyConfig(_Section):
             raise ValueError("scenarios must be distinct")
         return v
 
-    @field_validator("aggregators", "codecs")
+    @field_validator("defense_levels")
+    @classmethod
+    def _defense_levels(cls, v: list[str]) -> list[str]:
+        bad = [lv for lv in v if lv not in DEFENSE_LEVELS or lv == "none"]
+        if bad:
+            raise ValueError(f"unknown defense level(s) {bad} (known: {', '.join(DEFENSE_LEVELS[1:])})")
+        return v
+
+    @field_validator("aggregators", "codecs", "defense_levels")
     @classmethod
     def _distinct(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):

@@ -252,8 +252,9 @@ def transfer_checks(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds:
         for f in folds:
             unseen = base & (ds.labels == 1) & (fold == f)
             seen = base & (ds.labels == 1) & (fold != f) & ~held
-            per_fold.append(_check(cfg, spec, x, ds, benign_train | seen, benign_held, benign_held | unseen))
-        out[name] = {"folds": per_fold, **_pooled(per_fold)}
+            if seen.any() and benign_train.any():  # too few probe clients leave a fold with nothing to fit
+                per_fold.append(_check(cfg, spec, x, ds, benign_train | seen, benign_held, benign_held | unseen))
+        out[name] = {"folds": per_fold, **_pooled(per_fold)} if per_fold else None
     return out
 
 

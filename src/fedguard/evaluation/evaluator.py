@@ -39,13 +39,19 @@ class Evaluator:
     def __init__(self, loaded, peft_model, slot, loss_fn, data: EvalData, cfg: EvalConfig,
                  system_prompt: str | None = None):
         self.loaded, self.model, self.slot, self.loss_fn = loaded, peft_model, slot, loss_fn
-        self.data, self.cfg = data, cfg
+        self.data, self.cfg, self.system_prompt = data, cfg, system_prompt
         tok = loaded.tokenizer
         self.harmful_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.harmful_prompts]
         self.benign_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.benign_prompts]
         self.overrefusal_prompts = [render_prompt(tok, e.prompt_messages, system_prompt)
                                     for e in data.overrefusal_prompts]
         self.triggered_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.triggered_prompts]
+
+    def set_triggered(self, examples) -> None:
+        """Harmful prompts carrying a backdoor's trigger (the simulation's attack-success metric)."""
+        self.data.triggered_prompts = list(examples)
+        self.triggered_prompts = [render_prompt(self.loaded.tokenizer, e.prompt_messages, self.system_prompt)
+                                  for e in self.data.triggered_prompts]
 
     @torch.inference_mode()
     def heldout_loss(self) -> float:

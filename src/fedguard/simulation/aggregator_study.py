@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fedguard.config import ConfigError, ExperimentConfig, build_config, differing_fields
+from fedguard.config import ConfigError, ExperimentConfig, build_config, differing_fields, split_level
 from fedguard.data.federation import ClientData, build_client_data, build_eval_data
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import LocalTrainer
@@ -59,7 +59,8 @@ BENIGN_ONLY = "benign_only"
 PROBE_ROW = "fedavg+probe"
 PRODUCT_ROW = "product"
 BENIGN_SCENARIO = "none@1:0"  # the wire-format section: every client benign
-EVAL_SCALARS = ("refusal_rate", "exact_match", "eval_loss", "perplexity")
+EVAL_SCALARS = ("refusal_rate", "overrefusal_rate", "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
+LEVEL_PREFIX = "fedavg+"  # rows of FedAvg weighted by a defense level: fedavg+shadow, fedavg+audit, ...
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
 
     plan: list[tuple[Scenario, list[str]]] = []
     for s in study.scenarios:
-        methods = list(study.aggregators) + ([PROBE_ROW] if study.probe_level else []) + [BENIGN_ONLY]
+        methods = list(study.aggregators) + ([PROBE_ROW] if study.probe_level else []) \
+            + [LEVEL_PREFIX + lv for lv in study.defense_levels if LEVEL_PREFIX + lv != PROBE_ROW] + [BENIGN_ONLY]
         plan.append((Scenario.parse(s), methods))
     benign_methods = [f"codec:{c}" for c in study.codecs] + ([PRODUCT_ROW] if study.product else [])
     if benign_methods:
@@ -200,14 +202,18 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
     once = _TrainOnce(trainer)
     evaluator = Evaluator(loaded, peft_model, slot, trainer.loss, build_eval_data(cfg, loaded.tokenizer), cfg.eval,
                           cfg.data.system_prompt)
-    probe_cfg = build_config({**cfg.model_dump(mode="json"),
-                              "defense": {**cfg.defense.model_dump(mode="json"), "level": "client"}})
+    def level_cfg(level: str) -> ExperimentConfig:
+        return build_config({**cfg.model_dump(mode="json"), "defense": {**cfg.defense.model_dump(mode="json"),
+                                                                         "level": level}})
+
+    probe_cfg = level_cfg("client")
     # the probe simulated attackers know (the server's unless attack.probe names another)
     probe_aware = any(Scenario.parse(s).attack in ("probe_aware", "probe_projection") for s in study.scenarios)
-    probe = build_defense(probe_cfg if study.probe_level or probe_aware else cfg, loaded, trainer, theta0, None)[1]
+    needs_probe = study.probe_level or probe_aware or any(split_level(lv)[0] for lv in study.defense_levels)
+    probe = build_defense(probe_cfg if needs_probe else cfg, loaded, trainer, theta0, None)[1]
 
-    def probe_defense():  # the client level with fresh state: every row is one first round
-        return build_defense(probe_cfg, loaded, trainer, theta0, None)[0]
+    def probe_defense(level: str = "client"):  # a level with fresh state: every row is one first round
+        return build_defense(level_cfg(level), loaded, trainer, theta0, None)[0]
 
     log.info("aggregator study in %s: %d scenarios, base %s (%s)", out_dir, len(plan), loaded.path,
              str(loaded.compute_dtype).removeprefix("torch."))
@@ -219,7 +225,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
 
     if ("base", "base") not in done:
         add({"scenario": "base", "method": "base", "eval": _evaluate(evaluator, theta0)})
-    rc = round_config(cfg, 1)
+    rc = _with_defense_requests(round_config(cfg, 1), study.defense_levels, probe, cfg)
     max_bytes = int(cfg.server.max_update_mb * 2**20)
     for scenario, methods in plan:
         todo = [m for m in methods if (scenario.name, m) not in done]
@@ -231,6 +237,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
         log.info("%s: %d client updates (%d trained so far, %d reused) in %.0fs; %d methods to evaluate",
                  scenario.name, len(updates), once.trained, once.reused, time.perf_counter() - t0, len(todo))
         client_seconds = statistics.fmean(u.metrics.get("seconds", 0.0) for u in updates)
+        evaluator.set_triggered(_triggered(s_cfg, evaluator))
         for method in todo:
             server, sent, wire = _server_for(method, s_cfg, population, updates, theta0, max_bytes, probe_defense)
             row = _measure(scenario, method, server, sent, wire, theta0, population, evaluator, client_seconds)
@@ -241,6 +248,28 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
                      _fmt(ev.get("eval_loss"), 4), _fmt(det.get("tpr"), 2), _fmt(det.get("fpr"), 2),
                      row["aggregate_seconds"])
     return _ordered(rows, wanted)
+
+
+def _with_defense_requests(rc: RoundConfig, levels: list[str], probe, cfg: ExperimentConfig) -> RoundConfig:
+    """Every client attaches what any compared level reads (a shadow branch, step snapshots): attachments never
+    change the update itself, so every row still aggregates the same tensors."""
+    probe_levels = {split_level(lv)[0] for lv in levels} - {None}
+    if not probe_levels:
+        return rc
+    keys = tuple(probe.spec.keys)
+    shadow = bool(probe_levels & {"shadow", "evidence"})
+    return replace(rc, snapshot_keys=keys, snapshot_steps="step" in probe_levels,
+                   shadow_steps=(cfg.defense.shadow_steps or cfg.train.local_steps) if shadow else 0,
+                   shadow_lr=(cfg.defense.shadow_lr or cfg.train.lr) if shadow else 0.0)
+
+
+def _triggered(cfg: ExperimentConfig, evaluator) -> list:
+    """A backdoor scenario's harmful prompts with its trigger (attack success; simulation metrics only)."""
+    if cfg.attack.kind != "backdoor" or not cfg.attack.malicious_clients:
+        return []
+    from fedguard.simulation.population import with_trigger
+
+    return [with_trigger(e, cfg.attack.trigger) for e in evaluator.data.harmful_prompts]
 
 
 def _client_updates(cfg: ExperimentConfig, tokenizer, once: _TrainOnce, probe, theta0: AdapterState,
@@ -289,6 +318,8 @@ def _server_for(method: str, cfg: ExperimentConfig, population, updates: list[Cl
         sent = [u for u in updates if not population.is_malicious(u.client_id)]
     elif method == PROBE_ROW:
         defense = probe_defense()
+    elif method.startswith(LEVEL_PREFIX):
+        defense = probe_defense(method.removeprefix(LEVEL_PREFIX))
     elif method == PRODUCT_ROW:
         lora_aggregation = "product"
     elif method.startswith("codec:"):
@@ -350,11 +381,13 @@ def write_study_report(cfg: ExperimentConfig, rows: list[dict], out_dir: Path) -
         lines += [f"## {s}", "",
                   f"Malicious clients: {sub[0].get('malicious')}. Local training: {_fmt(secs)} s per client "
                   "(shared by every row).", "",
-                  "| method | refusal % | exact match % | held-out loss | TPR | FPR | aggregation ms | uplink KB / client |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | refusal % | over-refusal % | refusal with trigger % | exact match % | held-out loss | "
+                  "TPR | FPR | aggregation ms | uplink KB / client |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sub:
             ev, det = r["eval"], r.get("detection") or {}
-            lines.append(f"| {r['method']} | {_fmt(ev.get('refusal_rate'))} | {_fmt(ev.get('exact_match'))} | "
+            lines.append(f"| {r['method']} | {_fmt(ev.get('refusal_rate'))} | {_fmt(ev.get('overrefusal_rate'))} | "
+                         f"{_fmt(ev.get('refusal_rate_triggered'))} | {_fmt(ev.get('exact_match'))} | "
                          f"{_fmt(ev.get('eval_loss'), 4)} | {_fmt(det.get('tpr'), 2)} | {_fmt(det.get('fpr'), 2)} | "
                          f"{_fmt(1e3 * r['aggregate_seconds'])} | {_fmt(_kb(r['bytes_up_mean']))} |")
         lines.append("")
