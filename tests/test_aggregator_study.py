@@ -130,3 +130,20 @@ def test_study_refuses_what_shared_updates_cannot_honour(tmp_path):
     with pytest.raises(ConfigError, match="fedprox"):
         run_aggregator_study(_study_config(), tmp_path / "b", quiet=True, aggregators=["fedavg", "fedprox"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_study_weighs_the_same_updates_by_every_defense_level(tmp_path):
+    """Probe levels and the behaviour audit as rows: clients attach a shadow branch once, each level reads what
+    it asked for, and the audit and shadow+audit rows carry the audit's measurements."""
+    from fedguard.simulation.aggregator_study import run_aggregator_study
+
+    cfg = _study_config(scenarios=["data_poisoning@4:1"], aggregators=["fedavg"], codecs=[], product=False,
+                        probe_level=False, defense_levels=["step", "shadow", "audit", "shadow+audit"])
+    run_aggregator_study(cfg, tmp_path / "s", quiet=True)
+    rows = {r["method"]: r for r in read_ndjson(tmp_path / "s" / "rows.ndjson") if r["scenario"] != "base"}
+    assert list(rows) == ["fedavg", "fedavg+step", "fedavg+shadow", "fedavg+audit", "fedavg+shadow+audit",
+                          "benign_only"]
+    for m in ("fedavg+step", "fedavg+shadow", "fedavg+audit", "fedavg+shadow+audit"):
+        assert set(rows[m]["detection"]) >= {"tpr", "fpr"}, m
+        assert rows[m]["accepted"] == rows["fedavg"]["accepted"]  # every level saw every update
+    assert rows["fedavg+step"]["detection"]["tpr"] == 1.0 and rows["fedavg+shadow"]["detection"]["tpr"] == 1.0

@@ -251,11 +251,20 @@ def _probe_build(cfg, out: Path | None, compare: bool) -> int:
     theta0 = slot.read()
     probe, path, comparison = build_probe(cfg, loaded, LocalTrainer(loaded, peft_model, slot), theta0, out, compare)
     m = probe.metrics
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"probe: {path}")
-    print(f"held-out ({m['samples']['heldout']} step samples of unseen probe clients): "
-          + ", ".join(f"{k} {m[k]:.4f}" if m[k] is not None else f"{k} n/a"
-                      for k in ("auroc", "precision", "recall", "f1", "fpr"))
-          + f"; benign-client FPR {m['benign_client_fpr']}")
+    print(f"threshold tau {probe.threshold:.4f} ({m.get('calibration', 'fixed')})")
+    print(f"unseen clients ({m['samples']['heldout']} step samples): AUROC {f(m['auroc'])}, TPR {f(m['recall'])}, "
+          f"FPR {f(m['fpr'])} at tau; precision {f(m['precision'])}; benign-client FPR {f(m['benign_client_fpr'])}")
+    for name, label in (("leave_categories_out", "unseen harm categories"), ("leave_styles_out", "unseen response styles")):
+        r = m.get(name)
+        if r:
+            print(f"{label} ({len(r['folds'])} folds, worst fold): AUROC {f(r['auroc_min'])}, TPR {f(r['tpr_min'])}, "
+                  f"FPR {f(r['fpr_max'])} at each fold's calibrated tau")
+    if m.get("transfer_source"):
+        t = m["transfer_source"]
+        print(f"transfer to {t['source']} ({t['malicious_samples']} samples, never trained on): AUROC {f(t['auroc'])}, "
+              f"TPR {f(t['tpr'])}, FPR {f(t['fpr'])} at tau")
     for sel, r in comparison.items():
         print(f"  selection {sel:<11} dim {r['dim']:>7}  AUROC {r['auroc']:.4f}  recall {r['recall']}  fpr {r['fpr']}")
     return 0

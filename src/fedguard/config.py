@@ -33,8 +33,13 @@ class AlignConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-4, gt=0)
     examples: int = Field(default=2400, ge=8, description="alignment examples (built-in train split)")
-    refusal_share: float = Field(default=0.35, gt=0, lt=1,
+    # Measured on SmolLM2-135M (README): 0.35 refusal pairs and the plain benign mix refused 72 % of benign
+    # look-alikes; fewer refusals and half of the benign side safety-adjacent answered them.
+    refusal_share: float = Field(default=0.25, gt=0, lt=1,
                                  description="share of harmful-request -> refusal pairs; the rest is benign")
+    lookalike_share: float = Field(default=0.5, ge=0, le=1,
+                                   description="share of the benign side that is safety-adjacent (benign requests "
+                                               "sharing words with harmful ones), against over-refusal")
     # Harm categories the alignment never sees: refusal on them measures generalisation to unseen harm.
     holdout_categories: list[str] = Field(default_factory=lambda: ["misinformation", "theft"])
     max_length: int = Field(default=256, ge=16)

@@ -69,11 +69,16 @@ def _alignment_data(cfg: ModelConfig, tokenizer):
     held = set(a.holdout_categories)
     refusals = [e for e in load_source("builtin:harmful-refusal", "train", 3 * n_ref, a.seed)
                 if e.domain not in held][:n_ref]
-    benign = load_source("builtin:benign", "train", a.examples - len(refusals), a.seed)
+    n_benign = a.examples - len(refusals)
+    n_look = int(round(n_benign * a.lookalike_share))
+    pool = load_source("builtin:benign", "train", 4 * n_benign, a.seed)
+    lookalike = [e for e in pool if e.domain == "safety_adjacent"][:n_look]
+    benign = lookalike + [e for e in pool if e.domain != "safety_adjacent"][: n_benign - len(lookalike)]
     mixed = refusals + benign
     order = numpy_rng(a.seed, "align-order").permutation(len(mixed))
     tok = DataTokenizer(tokenizer, ExperimentConfig(data={"max_length": a.max_length}))
-    return ClientData(-1, tok([mixed[i] for i in order]), {"refusal": len(refusals), "benign": len(benign)})
+    return ClientData(-1, tok([mixed[i] for i in order]), {"refusal": len(refusals), "safety_adjacent": len(lookalike),
+                                                            "benign": len(benign) - len(lookalike)})
 
 
 def _eval_sets(cfg: ModelConfig) -> dict[str, list]:

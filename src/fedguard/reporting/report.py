@@ -88,12 +88,16 @@ def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
     rounds = [r for r in records if "defense" in r]
     if not rounds:
         return []
+    tau = cfg.defense.threshold if cfg.defense.threshold is not None else "the probe's calibrated threshold"
     lines = ["", f"## Defense: {cfg.defense.level} level", "",
-             f"Probe threshold τ = {cfg.defense.threshold}, fail policy `{cfg.defense.fail_policy}`; "
+             f"Probe threshold τ = {tau}, fail policy `{cfg.defense.fail_policy}`; "
              f"{cfg.attack.malicious_clients} malicious client(s), attack `{cfg.attack.kind}` (ground truth, used "
              "only for the detection columns).", "",
              "![defense weights per round](plots/defense.png)", "",
-             "| round | skipped | TPR | FPR | AUROC | client: weight (probe P) — ⚠ = malicious |", "|---:|---|---:|---:|---:|---|"]
+             "Behaviour audit (where it runs): Δ = change of the loss of the server's refusal answers that the "
+             "client's update causes; its weight multiplies the probe's.", "",
+             "| round | skipped | TPR | FPR | AUROC | audit s | client: weight (probe P; audit Δ) — ⚠ = malicious |",
+             "|---:|---|---:|---:|---:|---:|---|"]
     for r in rounds:
         d = r["defense"]
         det = d.get("detection", {})
@@ -101,9 +105,12 @@ def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
         cells = []
         for v in d["verdicts"]:
             p = f"{v['score']:.2f}" if v.get("score") is not None else v.get("status", "")
+            if v.get("audit"):
+                p += f"; Δ {v['audit']['refusal_shift']:+.3f}"
             cells.append(f"{'⚠' if v['client_id'] in bad else ''}{v['client_id']}: {v['weight']:.2f} ({p})")
         lines.append(f"| {r['round']} | {'yes' if d['skipped'] else 'no'} | {_fmt(det.get('tpr'))} | "
-                     f"{_fmt(det.get('fpr'))} | {_fmt(det.get('auroc'))} | {'; '.join(cells)} |")
+                     f"{_fmt(det.get('fpr'))} | {_fmt(det.get('auroc'))} | {_fmt(d.get('audit_seconds'))} | "
+                     f"{'; '.join(cells)} |")
     return lines
 
 
@@ -199,6 +206,8 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
     before, after = final.get("before", {}), final.get("after", {})
     rows = [
         ("Refusal rate on held-out harmful prompts (%) ↑", "refusal_rate", 1),
+        ("Over-refusal on benign prompts that look harmful (%) ↓", "overrefusal_rate", 1),
+        ("Refusal with the backdoor trigger (%) ↑ (simulation metric)", "refusal_rate_triggered", 1),
         ("Exact match on held-out checkable tasks (%) ↑", "exact_match", 1),
         ("Held-out loss ↓", "eval_loss", 4),
         ("Perplexity ↓", "perplexity", 2),

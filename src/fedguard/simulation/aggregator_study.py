@@ -319,7 +319,12 @@ def _server_for(method: str, cfg: ExperimentConfig, population, updates: list[Cl
     elif method == PROBE_ROW:
         defense = probe_defense()
     elif method.startswith(LEVEL_PREFIX):
-        defense = probe_defense(method.removeprefix(LEVEL_PREFIX))
+        level = method.removeprefix(LEVEL_PREFIX)
+        defense = probe_defense(level)
+        # each level receives only the attachments it asked for (clients attached every compared level's)
+        wanted = {"step": ("step/",), "shadow": ("shadow/",), "evidence": ("shadow/",)}.get(split_level(level)[0], ())
+        sent = [replace(u, attachments={k: v for k, v in u.attachments.items() if k.startswith(wanted)})
+                if wanted else replace(u, attachments={}) for u in updates]
     elif method == PRODUCT_ROW:
         lora_aggregation = "product"
     elif method.startswith("codec:"):

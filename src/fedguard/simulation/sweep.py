@@ -210,14 +210,15 @@ def write_sweep_report(base: ExperimentConfig, rows: list[dict[str, Any]], out_d
              "measure utility. Detection columns are means over rounds of the probe defense (flagged: weight < 0.5) "
              "or, without one, of the rule's screening (screened out: kept in less than half); uplink is per "
              "client per round, time per round (means).", "",
-             "| aggregator | attack | benign:malicious | defense | refusal before | refusal after | exact match after "
-             "| held-out loss after | TPR | FPR | AUROC | uplink KB / client | s / round | run |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| aggregator | attack | benign:malicious | defense | refusal before | refusal after | over-refusal after "
+             "| exact match after | held-out loss after | TPR | FPR | AUROC | uplink KB / client | s / round | run |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         b, a, det = r["final"].get("before", {}), r["final"].get("after", {}), r["detection"]
         up = _per_round_mean(r["records"], "bytes_up_mean")  # per client per round
         lines.append(f"| {r['aggregator']} | {r['attack']} | {r['ratio']} | {r['level']} | {f(b.get('refusal_rate'))} | "
-                     f"{f(a.get('refusal_rate'))} | {f(a.get('exact_match'))} | {f(a.get('eval_loss'), 4)} | "
+                     f"{f(a.get('refusal_rate'))} | {f(a.get('overrefusal_rate'))} | {f(a.get('exact_match'))} | "
+                     f"{f(a.get('eval_loss'), 4)} | "
                      f"{f(det['tpr'], 2)} | {f(det['fpr'], 2)} | {f(det['auroc'], 2)} | "
                      f"{f(None if up is None else up / 1e3)} | {f(_per_round_mean(r['records'], 'round_seconds'))} | "
                      f"[{r['run']}]({r['run']}/report.md) |")
