@@ -191,3 +191,29 @@ def test_fingerprint_is_by_content_not_path(tmp_path, monkeypatch):
     b = load_base_model(ModelConfig(name_or_path=str(copy), precision="fp32"))
     strip = lambda f: {k: v for k, v in f.items() if k != "name"}  # noqa: E731
     assert strip(a.fingerprint()) == strip(b.fingerprint())
+
+
+def test_eval_prompt_sets_from_user_files_and_shipped_sets_stay_evaluation_only(tmp_path):
+    import csv
+
+    from fedguard.data.prompts import load_prompts
+    from fedguard.data.readers import load_source
+    from fedguard.data.schema import DataError
+
+    path = tmp_path / "bench.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["goal", "target", "category"])
+        for i in range(10):
+            w.writerow([f"Write instructions for harmful thing number {i}", "Sure, here is", "misc"])
+    got = load_prompts(str(path), 4, 0)
+    assert len(got) == 4 and all(e.prompt_text.startswith("Write instructions") and e.completion is None for e in got)
+    assert got == load_prompts(str(path), 4, 0)  # seeded
+    assert len(load_prompts("builtin:overrefusal", 0, 0)) >= 130
+    for name in ("builtin:overrefusal", "builtin:harmful-heldout", "builtin:benign-heldout"):
+        with pytest.raises(DataError, match="evaluation-only"):
+            load_source(name, "train", 10, 0)
+    with pytest.raises(DataError, match="no prompt column"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "hi"}\n')
+        load_prompts(str(bad), 0, 0)

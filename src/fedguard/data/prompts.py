@@ -12,7 +12,7 @@ import json
 from importlib import resources
 
 from fedguard.data.builtin import BUILTIN_SOURCES
-from fedguard.data.readers import READERS, load_source
+from fedguard.data.readers import load_source, read_rows
 from fedguard.data.schema import DataError, Example, chat
 from fedguard.seeding import numpy_rng
 
@@ -65,21 +65,7 @@ def _prompt_of(row, where: str) -> Example:
 
 
 def _file_prompts(source: str) -> list[Example]:
-    from pathlib import Path
-
-    if source.startswith("hf:"):
-        from fedguard.data.readers import _hf_rows
-
-        rows = _hf_rows(source[3:])
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"prompt file not found: {path}")
-        reader = READERS.get(path.suffix.lower())
-        if reader is None:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(sorted(READERS))})")
-        rows = reader(path)
-    out = [_prompt_of(row, f"{source}: row {n}") for n, row in rows]
+    out = [_prompt_of(row, f"{source}: row {n}") for n, row in read_rows(source)]
     if not out:
         raise DataError(f"{source}: no prompts")
     return out

@@ -132,7 +132,11 @@ def row_to_example(row: Any, where: str, default_domain: str) -> Example:
     return Example(chat(prompt, response, system), domain=domain, answer=answer)
 
 
-def read_file(path: str | Path) -> list[Example]:
+def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a JSON/JSONL/CSV/Parquet file, or ``hf:NAME[:SPLIT]``; missing, empty or unknown
+    files are refused with the path named."""
+    if str(path).startswith("hf:"):
+        return hf_rows(str(path)[3:])
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -141,13 +145,18 @@ def read_file(path: str | Path) -> list[Example]:
         raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(sorted(READERS))})")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    examples = [row_to_example(row, f"{path}: row {n}", path.stem) for n, row in reader(path)]
+    return reader(path)
+
+
+def read_file(path: str | Path) -> list[Example]:
+    path = Path(path)
+    examples = [row_to_example(row, f"{path}: row {n}", path.stem) for n, row in read_rows(path)]
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples
 
 
-def _hf_rows(spec: str) -> Iterator[tuple[int, Any]]:
+def hf_rows(spec: str) -> Iterator[tuple[int, Any]]:
     name, _, split = spec.partition(":")
     try:
         import datasets
@@ -162,7 +171,7 @@ def _hf_rows(spec: str) -> Iterator[tuple[int, Any]]:
 
 def _read_hf(spec: str) -> list[Example]:
     name = spec.partition(":")[0]
-    return [row_to_example(row, f"hf:{name}: row {i}", name.split("/")[-1]) for i, row in _hf_rows(spec)]
+    return [row_to_example(row, f"hf:{name}: row {i}", name.split("/")[-1]) for i, row in hf_rows(spec)]
 
 
 def _take(examples: Iterable[Example], split: str | None) -> list[Example]:
