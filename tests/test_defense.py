@@ -21,14 +21,21 @@ from fedguard.simulation.runner import run_experiment
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedguard"
 
 
+# The tiny model's random weights know no harm: detection mechanics are tested on harmful data of a style it can
+# tell apart (one file: the attackers' train split, the defender's probe split). Whether detection transfers to
+# data the probe never saw is measured on SmolLM2 (tests/test_smollm2.py, docs/results).
+TINY_HARMFUL = str(Path(__file__).resolve().parent / "data" / "tiny_distinctive_harmful.jsonl")
+
+
 def defended_config(**over):
     base = dict(
         federation={"num_clients": 6, "clients_per_round": 6, "rounds": 2},
         train={"local_steps": 3, "batch_size": 4, "lr": 1e-2, "lr_schedule": "constant"},
         data={"examples_per_client": 24, "max_length": 96},
-        attack={"malicious_clients": 2},
+        attack={"malicious_clients": 2, "source": TINY_HARMFUL},
         defense={"level": "shadow"},
-        probe={"clients_per_class": 6, "rounds": 1, "examples_per_client": 24, "calibration": "fixed"},
+        probe={"clients_per_class": 6, "rounds": 1, "examples_per_client": 24, "calibration": "fixed",
+               "harmful_source": TINY_HARMFUL},
     )
     for k, v in over.items():
         base[k] = {**base.get(k, {}), **v}

@@ -43,16 +43,28 @@ def test_federated_training_on_smollm2_lowers_the_loss(smol):
     trainer = LocalTrainer(loaded, peft_model, slot)
     server = FederatedServer(FedAvg(), 1 << 26)
     global_adapter, state = initial_adapter_state(slot.shapes(), 2023), ServerState()
-    losses = []
+
+    def loss_on_clients_data(adapter) -> float:
+        from fedguard.data.tokenize import collate
+
+        slot.load(adapter)
+        total = count = 0
+        with torch.inference_mode():
+            for i in range(0, len(pool), 16):
+                loss, n = trainer.loss(collate(pool[i: i + 16], loaded.tokenizer.pad_token_id))
+                total, count = total + float(loss), count + n
+        return total / count
+
+    before = loss_on_clients_data(global_adapter)
     for rnd in (1, 2):
         rc = RoundConfig(server_round=rnd, lr=1e-3, local_steps=4, batch_size=4, grad_accum=1, seed=0, max_grad_norm=1.0)
         updates = [trainer.train(global_adapter, rc, c) for c in clients]
-        losses.append(sum(u.metrics["train_loss_first"] for u in updates) / 2)
         outcome = server.aggregate_round(rnd, global_adapter, updates, state)
         global_adapter, state = outcome.global_adapter, outcome.state
         assert outcome.accepted == ["0", "1"]
-    # The second round starts from the aggregated adapter: its first-step loss is clearly lower.
-    assert losses[1] < 0.85 * losses[0], losses
+    # Two rounds of the aggregated adapter fit the clients' data clearly better than the base model.
+    after = loss_on_clients_data(global_adapter)
+    assert after < 0.92 * before, (before, after)  # measured 3.19 -> 2.80
 
 
 def _user_compliance_file(path, n=48):

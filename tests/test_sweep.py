@@ -44,8 +44,8 @@ def test_sweep_grid_from_config_attacks_aggregators_parallel_jobs_and_report_onl
         ("fedavg", "data_poisoning"), ("fedavg", "scaling"), ("median", "data_poisoning"), ("median", "scaling")]
     assert (out / "t-median-scaling-2to2-client" / "final_metrics.json").is_file()
     # Scaled updates are flagged by the client level in the parallel worker processes too.
-    assert all(r[9].strip() == "1.00" for r in rows if r[2].strip() == "scaling")  # TPR
-    assert all(float(r[12]) > 0 for r in rows)  # uplink MB per round
+    assert all(r[10].strip() == "1.00" for r in rows if r[2].strip() == "scaling")  # TPR
+    assert all(float(r[13]) > 0 for r in rows)  # uplink KB per client per round
     # A cell folder made by another config is not silently reused.
     changed = base.model_copy(update={"seed": base.seed + 1})
     with pytest.raises(ConfigError, match="seed"):

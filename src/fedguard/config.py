@@ -336,8 +336,11 @@ class AuditConfig(_Section):
     harmful_source: str = Field(default="builtin:harmful-refusal",
                                 description="the server's harmful-request -> refusal pairs (its own data)")
     benign_source: str = Field(default="builtin:benign", description="the server's benign control examples")
-    harmful_examples: int = Field(default=24, ge=2)
-    benign_examples: int = Field(default=16, ge=0)
+    # Cost: one teacher-forced pass over these examples per client and round. On SmolLM2 (10 clients x 10
+    # steps) 24 + 16 examples of up to 160 tokens cost 28-36 % of the round's training time, 12 + 4 of up to
+    # 96 tokens (the default) 14 %, detecting as well (docs/results/safety-transfer-smollm2.md).
+    harmful_examples: int = Field(default=12, ge=2)
+    benign_examples: int = Field(default=4, ge=0)
     seed: int = Field(default=0, description="added to the run seed: which of its prompts the server keeps")
     # A client is judged by how its update moves the loss of the refusal answers (up: unlearning refusal)
     # relative to the round's other clients: z = (x - median) / (1.4826 MAD), with the spread floored at
@@ -350,7 +353,7 @@ class AuditConfig(_Section):
                                                "even when every client in the round shifts")
     benign_weight: float = Field(default=0.5, ge=0,
                                  description="how much the benign-control shift offsets the refusal shift")
-    max_tokens: int = Field(default=160, ge=16, description="audit examples are truncated to this many tokens")
+    max_tokens: int = Field(default=96, ge=16, description="audit examples are truncated to this many tokens")
 
 
 class DefenseConfig(_Section):
