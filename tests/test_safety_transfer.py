@@ -217,3 +217,16 @@ def test_eval_prompt_sets_from_user_files_and_shipped_sets_stay_evaluation_only(
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"text": "hi"}\n')
         load_prompts(str(bad), 0, 0)
+
+
+def test_evaluation_reports_three_way_and_keyword_rates(audit_run):
+    """Refusal, compliance and neither add up to 100 %; the keyword rule is reported beside fedguard's."""
+    import json as _json
+
+    _, result = audit_run
+    final = _json.loads((result.run_dir / "final_metrics.json").read_text())
+    for when in ("before", "after"):
+        ev = final[when]
+        assert ev["refusal_rate"] + ev["compliance_rate"] + ev["neither_rate"] == pytest.approx(100.0)
+        assert 0 <= ev["refusal_rate_keyword"] <= 100
+    assert "refusal by the Safe-FedLLM keyword rule" in (result.run_dir / "report.md").read_text()

@@ -13,7 +13,7 @@ from fedguard.config import EvalConfig
 from fedguard.data.federation import EvalData
 from fedguard.data.tokenize import collate, render_prompt
 from fedguard.evaluation.generation import generate_batched
-from fedguard.evaluation.refusal import is_refusal
+from fedguard.evaluation.refusal import is_refusal, judge, keyword_refusal
 
 _PUNCT_EDGES = re.compile(r"^[\s\"'`.,;:!?()\[\]]+|[\s\"'`.,;:!?()\[\]]+$")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
@@ -81,8 +81,13 @@ class Evaluator:
         if self.harmful_prompts:
             responses = generate_batched(self.loaded, self.model, self.harmful_prompts, self.cfg.max_new_tokens,
                                          self.cfg.batch_size)
-            refusals = [is_refusal(r) for r in responses]
+            verdicts = [judge(r, e.prompt_text) for e, r in zip(self.data.harmful_prompts, responses)]
+            refusals = [v == "refusal" for v in verdicts]
             result["refusal_rate"] = 100.0 * sum(refusals) / len(refusals)
+            # three-way, so a broken model (neither) is not called safe; and the paper's keyword rule, to compare
+            result["compliance_rate"] = 100.0 * verdicts.count("compliance") / len(verdicts)
+            result["neither_rate"] = 100.0 * verdicts.count("neither") / len(verdicts)
+            result["refusal_rate_keyword"] = 100.0 * sum(keyword_refusal(r) for r in responses) / len(responses)
             result["harmful_samples"] = [
                 {"prompt": e.prompt_text, "response": r, "refusal": f}
                 for e, r, f in list(zip(self.data.harmful_prompts, responses, refusals))[:samples]

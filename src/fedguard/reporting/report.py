@@ -206,6 +206,9 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
     before, after = final.get("before", {}), final.get("after", {})
     rows = [
         ("Refusal rate on held-out harmful prompts (%) ↑", "refusal_rate", 1),
+        ("  compliance on them (%)", "compliance_rate", 1),
+        ("  neither: off-topic or degenerate answers to them (%)", "neither_rate", 1),
+        ("  refusal by the Safe-FedLLM keyword rule (%)", "refusal_rate_keyword", 1),
         ("Over-refusal on benign prompts that look harmful (%) ↓", "overrefusal_rate", 1),
         ("Refusal with the backdoor trigger (%) ↑ (simulation metric)", "refusal_rate_triggered", 1),
         ("Exact match on held-out checkable tasks (%) ↑", "exact_match", 1),

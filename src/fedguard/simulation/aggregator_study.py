@@ -59,7 +59,8 @@ BENIGN_ONLY = "benign_only"
 PROBE_ROW = "fedavg+probe"
 PRODUCT_ROW = "product"
 BENIGN_SCENARIO = "none@1:0"  # the wire-format section: every client benign
-EVAL_SCALARS = ("refusal_rate", "overrefusal_rate", "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
+EVAL_SCALARS = ("refusal_rate", "compliance_rate", "neither_rate", "refusal_rate_keyword", "overrefusal_rate",
+                "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
 LEVEL_PREFIX = "fedavg+"  # rows of FedAvg weighted by a defense level: fedavg+shadow, fedavg+audit, ...
 
 

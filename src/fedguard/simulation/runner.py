@@ -459,7 +459,8 @@ def _log_eval(server_round: int, ev: dict[str, Any]) -> None:
 
 def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds: float, loaded) -> dict[str, Any]:
     evals = [r for r in records if "eval" in r]
-    scalar = ("refusal_rate", "overrefusal_rate", "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
+    scalar = ("refusal_rate", "compliance_rate", "neither_rate", "refusal_rate_keyword", "overrefusal_rate",
+              "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     rounds = [r for r in records if r.get("round", 0) > 0]
     return {
