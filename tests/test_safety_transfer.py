@@ -230,3 +230,22 @@ def test_evaluation_reports_three_way_and_keyword_rates(audit_run):
         assert ev["refusal_rate"] + ev["compliance_rate"] + ev["neither_rate"] == pytest.approx(100.0)
         assert 0 <= ev["refusal_rate_keyword"] <= 100
     assert "refusal by the Safe-FedLLM keyword rule" in (result.run_dir / "report.md").read_text()
+
+
+def test_wilson_interval_and_paired_test():
+    from fedguard.evaluation.stats import mcnemar_exact, wilson_interval
+
+    lo, hi = wilson_interval(45, 48)  # 93.8 % of 48
+    assert 0.83 < lo < 0.84 and 0.97 < hi < 0.98
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(1, 1) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # six prompts flipped one way: beyond noise
+    assert mcnemar_exact(2, 5) > 0.4  # two against five: noise
+
+
+def test_run_report_carries_intervals_and_the_paired_test(audit_run):
+    _, result = audit_run
+    final = json.loads((result.run_dir / "final_metrics.json").read_text())
+    assert final["before"]["harmful_n"] == 4 and 0 <= final["refusal_change_p"] <= 1
+    text = (result.run_dir / "report.md").read_text()
+    assert "95 % Wilson intervals" in text and "McNemar" in text

@@ -88,6 +88,8 @@ class Evaluator:
             result["compliance_rate"] = 100.0 * verdicts.count("compliance") / len(verdicts)
             result["neither_rate"] = 100.0 * verdicts.count("neither") / len(verdicts)
             result["refusal_rate_keyword"] = 100.0 * sum(keyword_refusal(r) for r in responses) / len(responses)
+            result["harmful_n"] = len(responses)
+            result["refused"] = [int(f) for f in refusals]  # per prompt, in order: paired comparisons of runs
             result["harmful_samples"] = [
                 {"prompt": e.prompt_text, "response": r, "refusal": f}
                 for e, r, f in list(zip(self.data.harmful_prompts, responses, refusals))[:samples]
@@ -99,6 +101,7 @@ class Evaluator:
                                              self.cfg.batch_size)
                 refusals = [is_refusal(r) for r in responses]
                 result[key] = 100.0 * sum(refusals) / len(refusals)
+                result[key.replace("_rate", "") + "_n"] = len(refusals)
                 result[key.replace("_rate", "") + "_samples"] = [
                     {"prompt": e.prompt_text, "response": r, "refusal": f}
                     for e, r, f in list(zip(examples, responses, refusals))[:samples]]

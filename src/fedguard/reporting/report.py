@@ -185,6 +185,25 @@ def _communication_section(cfg: ExperimentConfig, records: list[dict[str, Any]],
     return lines
 
 
+_RATE_N = {"refusal_rate": "harmful_n", "compliance_rate": "harmful_n", "neither_rate": "harmful_n",
+           "refusal_rate_keyword": "harmful_n", "overrefusal_rate": "overrefusal_n",
+           "refusal_rate_triggered": "refusal_triggered_n"}
+
+
+def _rate_n(key: str, final: dict[str, Any]) -> int | None:
+    name = _RATE_N.get(key)
+    return final.get("before", {}).get(name) if name else None
+
+
+def _with_interval(v: Any, n: int | None, nd: int) -> str:
+    if not isinstance(v, float) or not n:
+        return _fmt(v, nd)
+    from fedguard.evaluation.stats import wilson_interval
+
+    lo, hi = wilson_interval(round(v * n / 100), n)
+    return f"{v:.{nd}f} [{100 * lo:.{nd}f}, {100 * hi:.{nd}f}]"
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "–"
@@ -233,7 +252,15 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
         if key in before or key in after:
             b, a = before.get(key), after.get(key)
             delta = f"{a - b:+.{nd}f}" if isinstance(a, float) and isinstance(b, float) else "–"
-            lines.append(f"| {label} | {_fmt(b, nd)} | {_fmt(a, nd)} | {delta} |")
+            n = _rate_n(key, final)
+            lines.append(f"| {label} | {_with_interval(b, n, nd)} | {_with_interval(a, n, nd)} | {delta} |")
+    if final.get("before", {}).get("harmful_n"):
+        lines += ["", f"Rates on harmful prompts: {final['before']['harmful_n']} prompts, so one prompt moves them "
+                      f"{100 / final['before']['harmful_n']:.1f} points; brackets are 95 % Wilson intervals."]
+        p = final.get("refusal_change_p")
+        if p is not None:
+            lines.append(f"The refusal change on the same prompts: exact McNemar p = {p:.3g} "
+                         f"({'beyond' if p < 0.05 else 'within'} noise at 5 %).")
     lines += ["", "![loss, safety and utility per round](plots/overview.png)", "",
               "## Rounds", "",
               "| round | lr | clients | train loss | rejected | up KB/client | down KB/client | seconds |",

@@ -460,8 +460,16 @@ def _log_eval(server_round: int, ev: dict[str, Any]) -> None:
 def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds: float, loaded) -> dict[str, Any]:
     evals = [r for r in records if "eval" in r]
     scalar = ("refusal_rate", "compliance_rate", "neither_rate", "refusal_rate_keyword", "overrefusal_rate",
-              "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
+              "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity", "harmful_n", "overrefusal_n",
+              "refusal_triggered_n")
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    paired = {}
+    a, b = first.get("eval", {}).get("refused"), last.get("eval", {}).get("refused")
+    if a and b and len(a) == len(b) and last is not first:
+        from fedguard.evaluation.stats import mcnemar_exact
+
+        paired = {"refusal_change_p": mcnemar_exact(sum(x > y for x, y in zip(a, b)),
+                                                    sum(y > x for x, y in zip(a, b)))}
     rounds = [r for r in records if r.get("round", 0) > 0]
     return {
         "name": cfg.name,
@@ -471,6 +479,7 @@ def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds
         "before": {k: first["eval"][k] for k in scalar if k in first.get("eval", {})},
         "after": {k: last["eval"][k] for k in scalar if k in last.get("eval", {})},
         "after_round": last.get("round"),
+        **paired,
         "final_train_loss": rounds[-1]["train_loss"] if rounds else None,
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "mean_round_seconds": statistics.fmean(r["round_seconds"] for r in rounds) if rounds else None,
