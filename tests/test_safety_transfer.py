@@ -237,7 +237,7 @@ def test_wilson_interval_and_paired_test():
 
     lo, hi = wilson_interval(45, 48)  # 93.8 % of 48
     assert 0.83 < lo < 0.84 and 0.97 < hi < 0.98
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(1, 1) == 1.0
     assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # six prompts flipped one way: beyond noise
     assert mcnemar_exact(2, 5) > 0.4  # two against five: noise
