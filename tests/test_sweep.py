@@ -28,9 +28,13 @@ def test_sweep_runs_every_cell_and_reuses_finished_ones(tmp_path):
 
 
 def test_sweep_grid_from_config_attacks_aggregators_parallel_jobs_and_report_only(tmp_path):
+    from test_defense import TINY_HARMFUL  # harmful data of a style the tiny model can tell apart
+
     base = tiny_config(federation={"num_clients": 4, "clients_per_round": 4, "rounds": 1},
                        train={"local_steps": 2, "batch_size": 4, "lr": 1e-2, "lr_schedule": "constant"},
-                       probe={"clients_per_class": 4, "rounds": 1, "examples_per_client": 16},
+                       attack={"source": TINY_HARMFUL},
+                       probe={"clients_per_class": 4, "rounds": 1, "examples_per_client": 16,
+                              "harmful_source": TINY_HARMFUL},
                        sweep={"ratios": ["2:2"], "levels": ["client"], "attacks": ["data_poisoning", "scaling"],
                               "aggregators": ["fedavg", "median"]})
     out = tmp_path / "sw"
