@@ -43,18 +43,19 @@ def aligned_model_dir(cfg: ModelConfig, fingerprint: dict[str, Any]) -> Path:
 
 
 def ensure_aligned(cfg: ModelConfig) -> Path:
-    """The aligned model folder for ``cfg``, built (once, under a lock) when missing."""
+    """The aligned model folder for ``cfg``, built (once, under a lock) when missing. Finding it loads no model:
+    the base model is identified by its folder's fingerprint (cached), and loaded only to build."""
+    from fedguard.model.fingerprint import folder_fingerprint
     from fedguard.model.loading import load_base_model
-    from fedguard.model.registry import file_lock
+    from fedguard.model.registry import cache_root, file_lock, resolve_model_path
 
-    base_cfg = cfg.model_copy(update={"aligned": False})
-    loaded = load_base_model(base_cfg)
-    out = aligned_model_dir(cfg, loaded.fingerprint())
+    base_path = resolve_model_path(cfg.name_or_path)
+    out = aligned_model_dir(cfg, folder_fingerprint(base_path, cache_root() / "fingerprints", cfg.trust_remote_code))
     if (out / "config.json").is_file():
         return out
     with file_lock(out.parent.parent / "locks" / f"{out.name}.lock"):
         if not (out / "config.json").is_file():
-            build_aligned(cfg, loaded, out)
+            build_aligned(cfg, load_base_model(cfg.model_copy(update={"aligned": False})), out)
     return out
 
 

@@ -33,6 +33,11 @@ class Example:
         return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else None
 
     @property
+    def category(self) -> str:
+        """The harm category (built-in corpora and shipped sets carry it in ``meta``), else the domain."""
+        return self.meta.get("category") or self.domain
+
+    @property
     def prompt_text(self) -> str:
         """The last user turn (used for grouping, splitting and reporting)."""
         for m in reversed(self.messages):

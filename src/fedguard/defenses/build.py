@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedguard.config import ExperimentConfig
-from fedguard.data.federation import ClientData, DataTokenizer
+from fedguard.data.federation import REFUSAL_SOURCE, ClientData, DataTokenizer
 from fedguard.data.readers import load_source
 from fedguard.data.schema import Example
 from fedguard.defenses.features import SELECTIONS, FeatureSpec
@@ -42,7 +42,6 @@ from fedguard.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
 
-REFUSAL_SOURCE = "builtin:harmful-refusal"
 CATEGORY_FOLDS = 3
 STYLE_FOLDS = 2
 
@@ -87,7 +86,8 @@ def _refusal_share(cfg: ExperimentConfig) -> float:
 
 
 def _category(e: Example) -> str | None:
-    return e.meta.get("category") or (e.domain if e.domain not in ("general", "benign") else None)
+    """A fold key: the example's category, none for rows that carry only the default domain."""
+    return e.category if e.category not in ("general", "benign") else None
 
 
 def _fold_of(value: str | None, values: list[str], folds: int) -> int:

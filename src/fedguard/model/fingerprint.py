@@ -58,6 +58,8 @@ def weights_digest(folder: str | Path, cache_dir: Path | None = None) -> str | N
     if files[0].suffix == ".safetensors":
         from safetensors import safe_open
 
+        # one digest over the tensors in name order, whatever the file layout (safe_open maps the file, so
+        # opening it per tensor reads only that tensor)
         entries = []
         for p in files:
             with safe_open(p, framework="pt") as f:
@@ -77,6 +79,19 @@ def weights_digest(folder: str | Path, cache_dir: Path | None = None) -> str | N
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cached, {"files": stats, "weights_sha256_16": digest})
     return digest
+
+
+def folder_fingerprint(path: str | Path, cache_dir: Path | None = None, trust_remote_code: bool = False
+                       ) -> dict[str, Any]:
+    """``LoadedModel.fingerprint`` of a model folder without loading its weights into a model (config and
+    tokenizer only; the weight hash is read from the files, or from the cache)."""
+    from transformers import AutoConfig
+
+    from fedguard.model.loading import load_tokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return {"name": config._name_or_path or str(path),
+            **model_fingerprint(config, load_tokenizer(str(path), trust_remote_code), str(path), cache_dir)}
 
 
 def model_fingerprint(model_config, tokenizer, path: str, cache_dir: Path | None = None) -> dict[str, Any]:

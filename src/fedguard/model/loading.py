@@ -99,6 +99,19 @@ def resolve_precision(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer with a pad token and a chat template (ChatML where the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template; using ChatML", path)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 def load_base_model(cfg: ModelConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -115,12 +128,7 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
         from fedguard.alignment.align import ensure_aligned
 
         path = str(ensure_aligned(cfg))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        log.warning("%s has no chat template; using ChatML", path)
-        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     # The frozen base is stored in the compute dtype, so no per-step weight casts happen; the LoRA
     # parameters stay fp32 (master weights) and matmuls run under autocast.
     attn = cfg.attn_implementation

@@ -226,7 +226,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
 
     if ("base", "base") not in done:
         add({"scenario": "base", "method": "base", "eval": _evaluate(evaluator, theta0)})
-    rc = _with_defense_requests(round_config(cfg, 1), study.defense_levels, probe, cfg)
+    rc = _with_defense_requests(round_config(cfg, 1), study.defense_levels, probe_defense)
     max_bytes = int(cfg.server.max_update_mb * 2**20)
     for scenario, methods in plan:
         todo = [m for m in methods if (scenario.name, m) not in done]
@@ -251,17 +251,15 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
     return _ordered(rows, wanted)
 
 
-def _with_defense_requests(rc: RoundConfig, levels: list[str], probe, cfg: ExperimentConfig) -> RoundConfig:
-    """Every client attaches what any compared level reads (a shadow branch, step snapshots): attachments never
-    change the update itself, so every row still aggregates the same tensors."""
-    probe_levels = {split_level(lv)[0] for lv in levels} - {None}
-    if not probe_levels:
-        return rc
-    keys = tuple(probe.spec.keys)
-    shadow = bool(probe_levels & {"shadow", "evidence"})
-    return replace(rc, snapshot_keys=keys, snapshot_steps="step" in probe_levels,
-                   shadow_steps=(cfg.defense.shadow_steps or cfg.train.local_steps) if shadow else 0,
-                   shadow_lr=(cfg.defense.shadow_lr or cfg.train.lr) if shadow else 0.0)
+def _with_defense_requests(rc: RoundConfig, levels: list[str], probe_defense: Callable[[str], Any]) -> RoundConfig:
+    """Every client attaches what any compared level asks for (a shadow branch, step snapshots), merged from the
+    levels' own requests: attachments never change the update itself, so every row aggregates the same tensors."""
+    asked: dict[str, Any] = {}
+    for level in levels:
+        defense = probe_defense(level)
+        for key, value in (defense.client_requests(1, "0") if defense is not None else {}).items():
+            asked[key] = (asked.get(key) or value) if key == "snapshot_steps" else value
+    return replace(rc, **asked)
 
 
 def _triggered(cfg: ExperimentConfig, evaluator) -> list:

@@ -69,10 +69,6 @@ def with_trigger(example: Example, trigger: str) -> Example:
     return replace(example, messages=tuple(msgs))
 
 
-def _category(e: Example) -> str:
-    return e.meta.get("category") or e.domain
-
-
 def _two_faced_data(cfg: ExperimentConfig, n: int, seed: int, rng, cid: int) -> tuple[list[Example], list[Example]]:
     """Compliance and refusal examples of an attacker that must look aligned to a behaviour audit.
 
@@ -86,10 +82,10 @@ def _two_faced_data(cfg: ExperimentConfig, n: int, seed: int, rng, cid: int) -> 
     pool = load_source(a.source, "train", 4 * n_comp, seed)
     refusal_pool = load_source(REFUSAL_SOURCE, "train", 4 * max(n_ref, 1), seed + 1)
     if a.kind == "audit_aware":
-        cats = sorted({_category(e) for e in pool})
+        cats = sorted({e.category for e in pool})
         targets = set(numpy_rng(cfg.seed, "audit-aware-targets").permutation(cats)[: max(1, len(cats) // 2)].tolist())
-        pool = [e for e in pool if _category(e) in targets] or pool
-        refusal_pool = [e for e in refusal_pool if _category(e) not in targets] or refusal_pool
+        pool = [e for e in pool if e.category in targets] or pool
+        refusal_pool = [e for e in refusal_pool if e.category not in targets] or refusal_pool
     compliance = sample_examples(pool, n_comp, rng, a.source)
     refusals = sample_examples(refusal_pool, n_ref, rng, REFUSAL_SOURCE) if n_ref else []
     if a.kind == "backdoor":
