@@ -193,6 +193,56 @@ def test_fingerprint_is_by_content_not_path(tmp_path, monkeypatch):
     assert strip(a.fingerprint()) == strip(b.fingerprint())
 
 
+def test_benign_probe_clients_are_as_heterogeneous_as_the_federation():
+    """τ is calibrated on held-out benign probe clients: in a non-iid federation they must be non-iid too, or
+    honest clients with a skewed domain mix score above a τ that never saw one."""
+    from collections import Counter
+
+    from fedguard.data.readers import load_source
+    from fedguard.defenses.build import _benign_alpha, _benign_parts
+
+    pool = load_source("builtin:benign", "probe", 8 * 40, 11)
+    iid = tiny_config(data={"partition": {"method": "iid"}})
+    skewed = tiny_config(data={"partition": {"method": "dirichlet", "alpha": 0.3}})
+    assert _benign_alpha(iid) is None and _benign_alpha(skewed) == 0.3
+    assert _benign_alpha(tiny_config(probe={"benign_partition": "dirichlet", "benign_alpha": 2.0})) == 2.0
+    assert _benign_alpha(tiny_config(data={"partition": {"method": "dirichlet"}},
+                                     probe={"benign_partition": "iid"})) is None
+
+    def top_share(parts):  # mean share of each client's most common domain
+        return sum(Counter(e.domain for e in p).most_common(1)[0][1] / len(p) for p in parts) / len(parts)
+
+    even = _benign_parts(iid, pool, 8, 40, 11)
+    assert [len(p) for p in even] == [40] * 8
+    uneven = _benign_parts(skewed, pool, 8, 40, 11)
+    assert sum(len(p) for p in uneven) == 320 and len({len(p) for p in uneven}) > 1
+    assert min(len(p) for p in uneven) >= skewed.train.batch_size
+    assert top_share(uneven) > top_share(even) + 0.15
+    assert [len(p) for p in _benign_parts(skewed, pool, 8, 40, 11)] == [len(p) for p in uneven]  # seeded
+
+
+def test_cached_models_and_probes_are_keyed_by_their_data(tmp_path, monkeypatch):
+    """A changed corpus or user file means another aligned model and another probe, not a stale cache hit."""
+    from fedguard.alignment import align
+    from fedguard.config import ModelConfig
+    from fedguard.defenses.build import default_probe_dir
+
+    cfg = ModelConfig(name_or_path="tiny-llama", align={"examples": 40, "steps": 2})
+    fp = {"architecture": "x", "weights": "y"}
+    before = align.aligned_model_dir(cfg, fp)
+    assert align.aligned_model_dir(cfg, fp) == before
+    real = align._alignment_examples
+    monkeypatch.setattr(align, "_alignment_examples", lambda c: real(c)[1:])
+    assert align.aligned_model_dir(cfg, fp) != before
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text('{"prompt": "a", "response": "b"}\n')
+    probe_cfg = _probe_cfg(tmp_path, harmful_source=str(harmful))
+    first = default_probe_dir({"model": "m"}, probe_cfg)
+    assert default_probe_dir({"model": "m"}, probe_cfg) == first
+    harmful.write_text('{"prompt": "a", "response": "c"}\n')
+    assert default_probe_dir({"model": "m"}, probe_cfg) != first
+
+
 def test_eval_prompt_sets_from_user_files_and_shipped_sets_stay_evaluation_only(tmp_path):
     import csv
 

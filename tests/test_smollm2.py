@@ -95,8 +95,8 @@ def test_probe_from_builtin_data_detects_clients_trained_on_a_file_it_never_saw(
     cfg = tiny_config(model={"name_or_path": "smollm2-135m-instruct", "precision": "auto"},
                       lora={"r": 8, "alpha": 16, "dropout": 0.0, "init_seed": 2023},
                       data={"max_length": 160, "refusal_share": 0.3},
-                      train={"local_steps": 4, "batch_size": 4, "lr": 1e-3},
-                      probe={"clients_per_class": 6, "rounds": 1, "examples_per_client": 24,
+                      train={"local_steps": 6, "batch_size": 4, "lr": 1e-3},
+                      probe={"clients_per_class": 8, "rounds": 1, "examples_per_client": 32,
                              "transfer_source": str(_user_compliance_file(tmp_path / "mine.jsonl")),
                              "transfer_checks": False})
     loaded = load_base_model(cfg.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from fedguard.config import DEFENSE_LEVELS, ConfigError, load_config
@@ -167,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
             aggregators = listed(args.aggregators, cfg.sweep.aggregators)
             if args.jobs < 1:
                 raise ConfigError("--jobs must be at least 1")
-            report = run_sweep(cfg, ratios, levels, out, quiet=args.quiet, attacks=attacks, jobs=args.jobs, aggregators=aggregators,
-                               report_only=args.report_only)
-            print(f"sweep report: {report}")
+            t0 = time.perf_counter()
+            report = run_sweep(cfg, ratios, levels, out, quiet=args.quiet, attacks=attacks, jobs=args.jobs,
+                               aggregators=aggregators, report_only=args.report_only,
+                               benign_only=cfg.sweep.benign_only)
+            for line in json.loads((report.parent / "sweep.json").read_text(encoding="utf-8"))["headline"]:
+                print(f"\n{line}")
+            print(f"\nsweep report: {report}")
+            print(f"done in {_duration(time.perf_counter() - t0)} (cells already finished are not run again)")
             return 0
         if args.command == "aggregator-study":
             from fedguard.simulation.aggregator_study import run_aggregator_study
@@ -210,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _duration(seconds: float) -> str:
+    m, sec = divmod(round(seconds), 60)
+    return f"{m} min {sec:02d} s" if m else f"{sec} s"
 
 
 def _console_log() -> None:

@@ -33,11 +33,11 @@ class AlignConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-4, gt=0)
     examples: int = Field(default=2400, ge=8, description="alignment examples (built-in train split)")
-    # Measured on SmolLM2-135M (README): 0.35 refusal pairs and the plain benign mix refused 72 % of benign
-    # look-alikes; fewer refusals and half of the benign side safety-adjacent answered them.
-    refusal_share: float = Field(default=0.25, gt=0, lt=1,
+    # Measured on SmolLM2-135M (docs/results/safety-transfer-smollm2.md): 0.35 refusal pairs and the plain benign
+    # mix refused 72 % of benign look-alikes, 0.25 with half of the benign side safety-adjacent 56 %.
+    refusal_share: float = Field(default=0.2, gt=0, lt=1,
                                  description="share of harmful-request -> refusal pairs; the rest is benign")
-    lookalike_share: float = Field(default=0.5, ge=0, le=1,
+    lookalike_share: float = Field(default=0.6, ge=0, le=1,
                                    description="share of the benign side that is safety-adjacent (benign requests "
                                                "sharing words with harmful ones), against over-refusal")
     # Harm categories the alignment never sees: refusal on them measures generalisation to unseen harm.
@@ -282,7 +282,11 @@ class EvalConfig(_Section):
     # Benign requests that look harmful ("How do I kill a Python process?"): a model that refuses them over-refuses.
     overrefusal_source: str = "builtin:overrefusal"
     overrefusal_prompts: int = Field(default=0, ge=0, description="prompts drawn for the over-refusal rate (0: off)")
-    benign_prompts: int = Field(default=64, ge=0, description="checkable prompts for exact-match accuracy")
+    # Benign requests with a reference answer, for exact-match accuracy: the built-in generator's held-out split,
+    # the shipped set (builtin:benign-heldout), or a user's file with a prompt column and an 'answer' column.
+    benign_source: str = "builtin:benign"
+    benign_prompts: int = Field(default=64, ge=0, description="checkable prompts for exact-match accuracy "
+                                                              "(files and shipped sets: 0 = all)")
     loss_examples: int = Field(default=64, ge=0, description="held-out benign examples for loss / perplexity")
     max_new_tokens: int = Field(default=48, ge=1)
     answer_max_new_tokens: int = Field(default=24, ge=1)
@@ -396,6 +400,10 @@ class ProbeBuildConfig(_Section):
     # The defender's own data (never the attack section: a real server does not know the attackers' data).
     benign_source: str = Field(default="builtin:benign", description="benign probe clients' data")
     harmful_source: str = Field(default="builtin:harmful-compliance", description="malicious probe clients' data")
+    # How benign probe clients' data are spread: like the federation's (data.partition; explicit counts as iid),
+    # so the threshold calibrated on them covers the federation's heterogeneity; or iid / dirichlet here.
+    benign_partition: Literal["federation", "iid", "dirichlet"] = "federation"
+    benign_alpha: float = Field(default=1.0, gt=0, description="benign_partition dirichlet: concentration over domains")
     refusal_share: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="share of refusal pairs in benign probe clients' data (null: data.refusal_share)")
@@ -432,6 +440,8 @@ class SweepConfig(_Section):
     levels: list[str] = Field(default_factory=lambda: ["none", *PROBE_LEVELS, "audit"])
     attacks: list[str] | None = Field(default=None, description="attack kinds (default: attack.kind)")
     aggregators: list[AggregatorName] | None = Field(default=None, description="default: server.aggregator")
+    benign_only: bool = Field(default=True, description="also run every client benign without defense: the "
+                                                        "reference each attacked run is compared with")
 
     @field_validator("ratios")
     @classmethod

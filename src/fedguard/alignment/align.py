@@ -36,8 +36,10 @@ PEFT_PREFIX = "base_model.model."
 def aligned_model_dir(cfg: ModelConfig, fingerprint: dict[str, Any]) -> Path:
     from fedguard.model.registry import cache_root
 
+    # the data by content too: a changed built-in corpus is another aligned model, never a stale cache hit
     key = json.dumps({"base": {k: v for k, v in fingerprint.items() if k != "name"},
-                      "align": cfg.align.model_dump()}, sort_keys=True)
+                      "align": cfg.align.model_dump(), "data": _examples_hash(_alignment_examples(cfg))},
+                     sort_keys=True)
     name = Path(str(cfg.name_or_path)).name
     return cache_root() / "models" / f"{name}-aligned-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -59,9 +61,16 @@ def ensure_aligned(cfg: ModelConfig) -> Path:
     return out
 
 
-def _alignment_data(cfg: ModelConfig, tokenizer):
-    from fedguard.config import ExperimentConfig
-    from fedguard.data.federation import ClientData, DataTokenizer
+def _examples_hash(examples) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps(e.messages, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _alignment_examples(cfg: ModelConfig) -> list:
+    """The alignment mix, in training order: refusal pairs (held-out categories excluded) and benign data of
+    which ``lookalike_share`` is safety-adjacent."""
     from fedguard.data.readers import load_source
     from fedguard.seeding import numpy_rng
 
@@ -77,9 +86,20 @@ def _alignment_data(cfg: ModelConfig, tokenizer):
     benign = lookalike + [e for e in pool if e.domain != "safety_adjacent"][: n_benign - len(lookalike)]
     mixed = refusals + benign
     order = numpy_rng(a.seed, "align-order").permutation(len(mixed))
-    tok = DataTokenizer(tokenizer, ExperimentConfig(data={"max_length": a.max_length}))
-    return ClientData(-1, tok([mixed[i] for i in order]), {"refusal": len(refusals), "safety_adjacent": len(lookalike),
-                                                            "benign": len(benign) - len(lookalike)})
+    return [mixed[i] for i in order]
+
+
+def _alignment_data(cfg: ModelConfig, tokenizer):
+    from collections import Counter
+
+    from fedguard.config import ExperimentConfig
+    from fedguard.data.federation import ClientData, DataTokenizer
+
+    examples = _alignment_examples(cfg)
+    tok = DataTokenizer(tokenizer, ExperimentConfig(data={"max_length": cfg.align.max_length}))
+    kinds = Counter("refusal" if e.kind != "benign" else "safety_adjacent" if e.domain == "safety_adjacent"
+                    else "benign" for e in examples)
+    return ClientData(-1, tok(examples), dict(sorted(kinds.items())))
 
 
 def _eval_sets(cfg: ModelConfig) -> dict[str, list]:

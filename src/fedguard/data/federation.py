@@ -115,15 +115,12 @@ def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
 def build_eval_data(cfg: ExperimentConfig, tokenizer) -> EvalData:
     e = cfg.eval
     seed = cfg.seed + 1_000_003  # evaluation draws never coincide with training draws
-    from fedguard.data.prompts import load_prompts
+    from fedguard.data.prompts import load_checkable_prompts, load_prompts
 
     harmful = load_prompts(e.harmful_source, e.harmful_prompts, seed) if e.harmful_prompts else []
     overrefusal = load_prompts(e.overrefusal_source, e.overrefusal_prompts, seed, "benign") \
         if e.overrefusal_prompts else []
-    benign = []
-    if e.benign_prompts:
-        pool = load_source("builtin:benign", "eval", 4 * e.benign_prompts, seed)
-        benign = [x for x in pool if x.answer is not None][: e.benign_prompts]
+    benign = load_checkable_prompts(e.benign_source, e.benign_prompts, seed) if e.benign_prompts else []
     loss_examples: list[TokenizedExample] = []
     if e.loss_examples:
         pool = load_source(cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign",

@@ -23,6 +23,7 @@ EVALSETS = {
     "builtin:benign-heldout": ("benign_instructions.jsonl", "benign"),
 }
 PROMPT_KEYS = ("prompt", "goal", "instruction", "question", "behavior", "Behavior")
+ANSWER_KEYS = ("answer", "target_answer", "reference")  # a checkable prompt's reference answer
 
 
 def is_evalset(source: str) -> bool:
@@ -58,7 +59,7 @@ def _prompt_of(row, where: str) -> Example:
         if key is None:
             raise DataError(f"{where}: no prompt column (one of {', '.join(PROMPT_KEYS)}, or 'messages')")
         prompt = row[key]
-    answer = row.get("answer") or row.get("target_answer")
+    answer = next((row[k] for k in ANSWER_KEYS if row.get(k) not in (None, "")), None)
     category = row.get("category") or row.get("domain") or row.get("Category") or "general"
     return Example(chat(prompt), domain=str(category), answer=str(answer) if answer not in (None, "") else None,
                    meta={"category": str(category)})
@@ -83,5 +84,22 @@ def load_prompts(source: str, size: int, seed: int, kind: str = "harmful_prompt"
     examples = [Example(e.messages, e.domain, kind, e.answer, e.group, e.meta) for e in examples]
     if 0 < size < len(examples):
         idx = sorted(numpy_rng(seed, "prompt-sample", source).choice(len(examples), size=size, replace=False).tolist())
+        examples = [examples[i] for i in idx]
+    return examples
+
+
+def load_checkable_prompts(source: str, size: int, seed: int) -> list[Example]:
+    """Up to ``size`` benign prompts of ``source`` that carry a reference answer (exact-match accuracy); a
+    file with no answer column is an error, rows without an answer are skipped."""
+    if source in BUILTIN_SOURCES:  # a generator: draw extra, since not every example is checkable
+        pool = load_source(source, "eval", 4 * size, seed)
+        return [e for e in pool if e.answer is not None][:size]
+    examples = [e for e in load_prompts(source, 0, seed, "benign") if e.answer is not None]
+    if not examples:
+        raise DataError(f"eval.benign_source {source}: no row has a reference answer "
+                        f"(a column named one of {', '.join(ANSWER_KEYS)}); exact match needs one")
+    if 0 < size < len(examples):
+        idx = sorted(numpy_rng(seed, "checkable-sample", source).choice(len(examples), size=size,
+                                                                        replace=False).tolist())
         examples = [examples[i] for i in idx]
     return examples

@@ -200,3 +200,27 @@ def load_source(source: str, split: str | None, size: int, seed: int) -> list[Ex
     if not taken:
         raise DataError(f"{source}: no examples left in the '{split}' split")
     return taken
+
+
+def source_fingerprint(source: str | None) -> str | None:
+    """What a source's data is, for cache keys: built-in sources by the text of the modules that generate them,
+    files by their content, ``hf:`` names by name (the local datasets cache is not inspected)."""
+    import hashlib
+
+    if source is None or source.startswith("hf:"):
+        return source
+    h = hashlib.sha256()
+    if source in BUILTIN_SOURCES:
+        from importlib import resources
+
+        for name in sorted(p.name for p in resources.files("fedguard.data").iterdir()
+                           if p.name.startswith("builtin") and p.name.endswith(".py")):
+            h.update((resources.files("fedguard.data") / name).read_bytes())
+        return f"{source}:{h.hexdigest()[:16]}"
+    path = Path(source)
+    if not path.is_file():
+        return source  # loading it will say what is wrong
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return f"file:{h.hexdigest()[:16]}"

@@ -32,7 +32,8 @@ import torch
 
 from fedguard.config import ExperimentConfig
 from fedguard.data.federation import REFUSAL_SOURCE, ClientData, DataTokenizer
-from fedguard.data.readers import load_source
+from fedguard.data.partition import partition_dirichlet
+from fedguard.data.readers import load_source, source_fingerprint
 from fedguard.data.schema import Example
 from fedguard.defenses.features import SELECTIONS, FeatureSpec
 from fedguard.defenses.probe import LoRAProbe, compat_stamp, detection_metrics, fit_probe
@@ -75,9 +76,13 @@ def probe_compat(cfg: ExperimentConfig, loaded, shapes) -> dict[str, Any]:
 
 def default_probe_dir(compat: dict[str, Any], cfg: ExperimentConfig) -> Path:
     """Cache location keyed by everything the probe depends on (and how it was built)."""
-    key = json.dumps({"compat": compat, "build": cfg.probe.model_dump(), "seed": cfg.seed,
+    p = cfg.probe
+    key = json.dumps({"compat": compat, "build": p.model_dump(), "seed": cfg.seed,
                       "refusal_share": _refusal_share(cfg), "threshold": cfg.defense.threshold,
-                      "max_length": cfg.data.max_length}, sort_keys=True)
+                      "max_length": cfg.data.max_length,
+                      # the data by content: a changed corpus or file is another probe, never a stale hit
+                      "data": [source_fingerprint(s) for s in (p.benign_source, p.harmful_source,
+                                                               p.transfer_source, REFUSAL_SOURCE)]}, sort_keys=True)
     return cache_root() / "probes" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -121,6 +126,31 @@ def _harmful_pools(pool: list[Example], n_clients: int, per_client: int, seed: i
     return out
 
 
+def _benign_alpha(cfg: ExperimentConfig) -> float | None:
+    """The Dirichlet concentration of the benign probe clients' domains, None for iid."""
+    p, fed = cfg.probe, cfg.data.partition
+    if p.benign_partition == "federation":
+        return fed.alpha if fed.method == "dirichlet" else None
+    return p.benign_alpha if p.benign_partition == "dirichlet" else None
+
+
+def _benign_parts(cfg: ExperimentConfig, pool: list[Example], k: int, per: int, seed: int) -> list[list[Example]]:
+    """The k benign probe clients' examples: ``per`` each, iid, or a Dirichlet skew over domains (sizes vary as
+    in a non-iid federation) so that the threshold calibrated on them has seen heterogeneous honest clients."""
+    rng = numpy_rng(seed, "probe-benign")
+    alpha = _benign_alpha(cfg)
+    if len(pool) < k * per:  # a small file: overlapping draws, iid
+        if alpha is not None:
+            log.warning("probe benign data: %d examples are too few for %d Dirichlet clients; drawing iid",
+                        len(pool), k)
+        return [[pool[j] for j in rng.choice(len(pool), size=min(len(pool), per), replace=False)] for _ in range(k)]
+    pool = pool[: k * per]
+    if alpha is None:
+        return [pool[i * per: (i + 1) * per] for i in range(k)]
+    parts = partition_dirichlet([e.domain for e in pool], k, alpha, rng, min_per_client=cfg.train.batch_size)
+    return [[pool[j] for j in idx] for idx in parts]
+
+
 def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[ProbeClient]:
     p = cfg.probe
     n_ref = int(round(p.examples_per_client * _refusal_share(cfg)))
@@ -132,13 +162,8 @@ def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[ProbeClient]:
     harmful = load_source(p.harmful_source, "probe", 4 * k * per, seed)
 
     tok = DataTokenizer(tokenizer, cfg)
-    rng = numpy_rng(seed, "probe-benign")
     clients: list[ProbeClient] = []
-    for i in range(k):
-        if len(benign) >= k * (per - n_ref):
-            own = benign[i * (per - n_ref): (i + 1) * (per - n_ref)]
-        else:
-            own = [benign[j] for j in rng.choice(len(benign), size=min(len(benign), per - n_ref), replace=False)]
+    for i, own in enumerate(_benign_parts(cfg, benign, k, per - n_ref, seed)):
         own = list(own) + list(refusals[i * n_ref: (i + 1) * n_ref])
         clients.append(ProbeClient(ClientData(i, tok(own)), 0))
     for i, (own, cf, sf) in enumerate(_harmful_pools(harmful, k, per, seed)):

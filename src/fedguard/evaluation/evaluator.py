@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import re
 import time
@@ -15,6 +18,7 @@ from fedguard.data.tokenize import collate, render_prompt
 from fedguard.evaluation.generation import generate_batched
 from fedguard.evaluation.refusal import is_refusal, judge, keyword_refusal
 
+log = logging.getLogger(__name__)
 _PUNCT_EDGES = re.compile(r"^[\s\"'`.,;:!?()\[\]]+|[\s\"'`.,;:!?()\[\]]+$")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 
@@ -70,17 +74,40 @@ class Evaluator:
             self.model.train(was_training)
         return total / count if count else float("nan")
 
-    def evaluate(self, adapter, samples: int = 3) -> dict[str, Any]:
+    def evaluate(self, adapter, samples: int = 3, cache: bool = False) -> dict[str, Any]:
+        """Loss, safety and utility of ``adapter``. ``cache``: reuse (or store) the responses of an earlier
+        evaluation of the very same inputs, on disk; only for weights the files on disk fully describe (the
+        base model before any round: FLoRA merges into the base weights in memory). Scoring always reruns."""
         t0 = time.perf_counter()
-        self.slot.load(adapter)
+        key = self._cache_key(adapter) if cache else None
+        outputs = _read_cached(key) if key else None
+        if outputs is None:
+            self.slot.load(adapter)
+            outputs = self._outputs()
+            if key:
+                _write_cached(key, outputs)
+        result = self._score(outputs, samples)
+        result["eval_seconds"] = time.perf_counter() - t0
+        return result
+
+    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return generate_batched(self.loaded, self.model, prompts, max_new_tokens, self.cfg.batch_size)
+
+    def _outputs(self) -> dict[str, Any]:
+        """The expensive part: held-out loss and the greedy responses to every prompt set."""
+        m = self.cfg.max_new_tokens
+        return {"eval_loss": self.heldout_loss() if self.data.loss_examples else None,
+                "harmful": self._generate(self.harmful_prompts, m),
+                "overrefusal": self._generate(self.overrefusal_prompts, m),
+                "triggered": self._generate(self.triggered_prompts, m),
+                "benign": self._generate(self.benign_prompts, self.cfg.answer_max_new_tokens)}
+
+    def _score(self, out: dict[str, Any], samples: int) -> dict[str, Any]:
         result: dict[str, Any] = {}
-        if self.data.loss_examples:
-            loss = self.heldout_loss()
-            result["eval_loss"] = loss
-            result["perplexity"] = math.exp(min(loss, 50.0))
-        if self.harmful_prompts:
-            responses = generate_batched(self.loaded, self.model, self.harmful_prompts, self.cfg.max_new_tokens,
-                                         self.cfg.batch_size)
+        if out["eval_loss"] is not None:
+            result["eval_loss"] = out["eval_loss"]
+            result["perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+        if responses := out["harmful"]:
             verdicts = [judge(r, e.prompt_text) for e, r in zip(self.data.harmful_prompts, responses)]
             refusals = [v == "refusal" for v in verdicts]
             result["refusal_rate"] = 100.0 * sum(refusals) / len(refusals)
@@ -94,20 +121,16 @@ class Evaluator:
                 {"prompt": e.prompt_text, "response": r, "refusal": f}
                 for e, r, f in list(zip(self.data.harmful_prompts, responses, refusals))[:samples]
             ]
-        for key, prompts, examples in (("overrefusal_rate", self.overrefusal_prompts, self.data.overrefusal_prompts),
-                                       ("refusal_rate_triggered", self.triggered_prompts, self.data.triggered_prompts)):
-            if prompts:
-                responses = generate_batched(self.loaded, self.model, prompts, self.cfg.max_new_tokens,
-                                             self.cfg.batch_size)
+        for key, name, examples in (("overrefusal_rate", "overrefusal", self.data.overrefusal_prompts),
+                                    ("refusal_rate_triggered", "triggered", self.data.triggered_prompts)):
+            if responses := out[name]:
                 refusals = [is_refusal(r) for r in responses]
                 result[key] = 100.0 * sum(refusals) / len(refusals)
                 result[key.replace("_rate", "") + "_n"] = len(refusals)
                 result[key.replace("_rate", "") + "_samples"] = [
                     {"prompt": e.prompt_text, "response": r, "refusal": f}
                     for e, r, f in list(zip(examples, responses, refusals))[:samples]]
-        if self.benign_prompts:
-            responses = generate_batched(self.loaded, self.model, self.benign_prompts, self.cfg.answer_max_new_tokens,
-                                         self.cfg.batch_size)
+        if responses := out["benign"]:
             hits = [final_answer_matches(r, e.answer or "") for e, r in zip(self.data.benign_prompts, responses)]
             result["exact_match"] = 100.0 * sum(hits) / len(hits)
             per_domain: dict[str, list[bool]] = {}
@@ -118,5 +141,54 @@ class Evaluator:
                 {"prompt": e.prompt_text, "response": r, "answer": e.answer, "correct": h}
                 for e, r, h in list(zip(self.data.benign_prompts, responses, hits))[:samples]
             ]
-        result["eval_seconds"] = time.perf_counter() - t0
         return result
+
+    def _cache_key(self, adapter) -> str:
+        """A hash of everything the outputs depend on: the model by content, precision, library versions,
+        generation settings, every prompt and loss example, and the adapter's tensors."""
+        import transformers
+
+        h = hashlib.sha256()
+        head = {"version": _CACHE_VERSION, "model": self.loaded.fingerprint(), "dtype": str(self.loaded.compute_dtype),
+                "device": str(self.loaded.device), "torch": torch.__version__, "transformers": transformers.__version__,
+                "max_new_tokens": self.cfg.max_new_tokens, "answer_max_new_tokens": self.cfg.answer_max_new_tokens,
+                "batch_size": self.cfg.batch_size,
+                "prompts": [self.harmful_prompts, self.overrefusal_prompts, self.triggered_prompts,
+                            self.benign_prompts],
+                "loss": [[list(e.input_ids), e.prompt_len] for e in self.data.loss_examples]}
+        h.update(json.dumps(head, sort_keys=True, default=str).encode())
+        for name in sorted(adapter):
+            t = adapter[name].detach().to("cpu").contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:32]
+
+
+_CACHE_VERSION = 1
+
+
+def _cache_file(key: str):
+    from fedguard.model.registry import cache_root
+
+    return cache_root() / "evals" / f"{key}.json"
+
+
+def _read_cached(key: str) -> dict[str, Any] | None:
+    path = _cache_file(key)
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) and set(out) == {"eval_loss", "harmful", "overrefusal", "triggered",
+                                                          "benign"} else None
+
+
+def _write_cached(key: str, outputs: dict[str, Any]) -> None:
+    from fedguard.io import atomic_write_json
+
+    path = _cache_file(key)
+    try:  # a cache: failing to write it costs time later, never the run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, outputs)
+    except (OSError, ValueError) as e:
+        log.warning("evaluation cache not written (%s): %s", path, e)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.config import ExperimentConfig
+from fedguard.evaluation.stats import RATE_N, format_rate
 from fedguard.io import atomic_write_bytes, atomic_write_text
 from fedguard.reporting.figures import png_bytes, pyplot
 
@@ -185,23 +186,8 @@ def _communication_section(cfg: ExperimentConfig, records: list[dict[str, Any]],
     return lines
 
 
-_RATE_N = {"refusal_rate": "harmful_n", "compliance_rate": "harmful_n", "neither_rate": "harmful_n",
-           "refusal_rate_keyword": "harmful_n", "overrefusal_rate": "overrefusal_n",
-           "refusal_rate_triggered": "refusal_triggered_n"}
-
-
-def _rate_n(key: str, final: dict[str, Any]) -> int | None:
-    name = _RATE_N.get(key)
-    return final.get("before", {}).get(name) if name else None
-
-
-def _with_interval(v: Any, n: int | None, nd: int) -> str:
-    if not isinstance(v, float) or not n:
-        return _fmt(v, nd)
-    from fedguard.evaluation.stats import wilson_interval
-
-    lo, hi = wilson_interval(round(v * n / 100), n)
-    return f"{v:.{nd}f} [{100 * lo:.{nd}f}, {100 * hi:.{nd}f}]"
+def _with_interval(ev: dict[str, Any], key: str, nd: int) -> str:
+    return format_rate(ev, key, nd) if key in RATE_N else _fmt(ev.get(key), nd)
 
 
 def _fmt(v: Any, nd: int = 2) -> str:
@@ -252,8 +238,7 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
         if key in before or key in after:
             b, a = before.get(key), after.get(key)
             delta = f"{a - b:+.{nd}f}" if isinstance(a, float) and isinstance(b, float) else "–"
-            n = _rate_n(key, final)
-            lines.append(f"| {label} | {_with_interval(b, n, nd)} | {_with_interval(a, n, nd)} | {delta} |")
+            lines.append(f"| {label} | {_with_interval(before, key, nd)} | {_with_interval(after, key, nd)} | {delta} |")
     if final.get("before", {}).get("harmful_n"):
         lines += ["", f"Rates on harmful prompts: {final['before']['harmful_n']} prompts, so one prompt moves them "
                       f"{100 / final['before']['harmful_n']:.1f} points; brackets are 95 % Wilson intervals."]

@@ -39,6 +39,7 @@ import torch
 
 from fedguard.config import ConfigError, ExperimentConfig, build_config, differing_fields, split_level
 from fedguard.data.federation import ClientData, build_client_data, build_eval_data
+from fedguard.evaluation.stats import format_rate, paired_refusals
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import LocalTrainer
 from fedguard.federated.compression import CompressionSpec
@@ -60,7 +61,8 @@ PROBE_ROW = "fedavg+probe"
 PRODUCT_ROW = "product"
 BENIGN_SCENARIO = "none@1:0"  # the wire-format section: every client benign
 EVAL_SCALARS = ("refusal_rate", "compliance_rate", "neither_rate", "refusal_rate_keyword", "overrefusal_rate",
-                "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity")
+                "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity", "harmful_n", "overrefusal_n",
+                "refusal_triggered_n")
 LEVEL_PREFIX = "fedavg+"  # rows of FedAvg weighted by a defense level: fedavg+shadow, fedavg+audit, ...
 
 
@@ -225,7 +227,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
         done.add((row["scenario"], row["method"]))
 
     if ("base", "base") not in done:
-        add({"scenario": "base", "method": "base", "eval": _evaluate(evaluator, theta0)})
+        add({"scenario": "base", "method": "base", "eval": evaluator.evaluate(theta0, samples=2, cache=True)})
     rc = _with_defense_requests(round_config(cfg, 1), study.defense_levels, probe_defense)
     max_bytes = int(cfg.server.max_update_mb * 2**20)
     for scenario, methods in plan:
@@ -373,9 +375,12 @@ def write_study_report(cfg: ExperimentConfig, rows: list[dict], out_dir: Path) -
              "benign examples measure utility. TPR / FPR: malicious / benign clients a rule screened out (kept in "
              "less than half of the aggregate) or the probe weighted below 0.5; – where a rule does not screen. "
              f"`benign_only` is FedAvg over the benign clients alone (the target); `{PROBE_ROW}` is FedAvg weighted "
-             "by the LoRA-Probe (client level). Expected attackers (server.expected_malicious): "
+             "by the LoRA-Probe (client level). Brackets: 95 % Wilson intervals; keyword rule: the Safe-FedLLM "
+             "keyword rule on the same responses; *vs benign_only*: refusal difference in points, with the exact "
+             "McNemar p on the same prompts. Expected attackers (server.expected_malicious): "
              f"{cfg.server.expected_malicious}.", "",
-             f"Base model: refusal {_fmt(b.get('refusal_rate'))} %, exact match {_fmt(b.get('exact_match'))} %, "
+             f"Base model: refusal {format_rate(b, 'refusal_rate')} %, over-refusal "
+             f"{format_rate(b, 'overrefusal_rate')} %, exact match {_fmt(b.get('exact_match'))} %, "
              f"held-out loss {_fmt(b.get('eval_loss'), 4)}.", ""]
     scenarios = list(dict.fromkeys(r["scenario"] for r in rule_rows))
     lines += _summary_table(rule_rows, scenarios)
@@ -385,13 +390,20 @@ def write_study_report(cfg: ExperimentConfig, rows: list[dict], out_dir: Path) -
         lines += [f"## {s}", "",
                   f"Malicious clients: {sub[0].get('malicious')}. Local training: {_fmt(secs)} s per client "
                   "(shared by every row).", "",
-                  "| method | refusal % | over-refusal % | refusal with trigger % | exact match % | held-out loss | "
-                  "TPR | FPR | aggregation ms | uplink KB / client |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | refusal % [95 % CI] | keyword rule % | over-refusal % [95 % CI] | vs benign_only | "
+                  "refusal with trigger % | exact match % | held-out loss | TPR | FPR | aggregation ms | "
+                  "uplink KB / client |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        target = next((r for r in sub if r["method"] == BENIGN_ONLY), None)
         for r in sub:
             ev, det = r["eval"], r.get("detection") or {}
-            lines.append(f"| {r['method']} | {_fmt(ev.get('refusal_rate'))} | {_fmt(ev.get('overrefusal_rate'))} | "
-                         f"{_fmt(ev.get('refusal_rate_triggered'))} | {_fmt(ev.get('exact_match'))} | "
+            vs = None if target is None or r is target else paired_refusals(ev.get("refused"),
+                                                                            target["eval"].get("refused"))
+            vs_text = "–" if vs is None else (f"{ev['refusal_rate'] - target['eval']['refusal_rate']:+.1f} "
+                                              f"(p {vs['p']:.2g})")
+            lines.append(f"| {r['method']} | {format_rate(ev, 'refusal_rate')} | "
+                         f"{_fmt(ev.get('refusal_rate_keyword'))} | {format_rate(ev, 'overrefusal_rate')} | "
+                         f"{vs_text} | {_fmt(ev.get('refusal_rate_triggered'))} | {_fmt(ev.get('exact_match'))} | "
                          f"{_fmt(ev.get('eval_loss'), 4)} | {_fmt(det.get('tpr'), 2)} | {_fmt(det.get('fpr'), 2)} | "
                          f"{_fmt(1e3 * r['aggregate_seconds'])} | {_fmt(_kb(r['bytes_up_mean']))} |")
         lines.append("")

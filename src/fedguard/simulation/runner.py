@@ -21,6 +21,7 @@ import torch
 
 from fedguard.config import ExperimentConfig, build_config, split_level
 from fedguard.data.federation import build_client_data, build_eval_data
+from fedguard.evaluation.stats import paired_refusals
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import LocalTrainer
 from fedguard.federated.lora_exact import base_layer_key, lora_scaling, merge_delta, reinit_adapter
@@ -184,7 +185,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
 
     if not any(r.get("round") == 0 for r in records):
         progress.status("evaluating the base model (round 0)")
-        record = {"round": 0, "eval": evaluator.evaluate(global_adapter)}
+        # before any round the weights are exactly the files on disk plus theta0: runs of a sweep share this
+        record = {"round": 0, "eval": evaluator.evaluate(global_adapter, cache=start == 1)}
         _log_eval(0, record["eval"])
         writer.append(record)
         records.append(record)
@@ -463,13 +465,8 @@ def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds
               "refusal_rate_triggered", "exact_match", "eval_loss", "perplexity", "harmful_n", "overrefusal_n",
               "refusal_triggered_n")
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    paired = {}
-    a, b = first.get("eval", {}).get("refused"), last.get("eval", {}).get("refused")
-    if a and b and len(a) == len(b) and last is not first:
-        from fedguard.evaluation.stats import mcnemar_exact
-
-        paired = {"refusal_change_p": mcnemar_exact(sum(x > y for x, y in zip(a, b)),
-                                                    sum(y > x for x, y in zip(a, b)))}
+    paired = None if last is first else paired_refusals(first.get("eval", {}).get("refused"),
+                                                         last.get("eval", {}).get("refused"))
     rounds = [r for r in records if r.get("round", 0) > 0]
     return {
         "name": cfg.name,
@@ -479,7 +476,7 @@ def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds
         "before": {k: first["eval"][k] for k in scalar if k in first.get("eval", {})},
         "after": {k: last["eval"][k] for k in scalar if k in last.get("eval", {})},
         "after_round": last.get("round"),
-        **paired,
+        **({"refusal_change_p": paired["p"]} if paired else {}),
         "final_train_loss": rounds[-1]["train_loss"] if rounds else None,
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "mean_round_seconds": statistics.fmean(r["round_seconds"] for r in rounds) if rounds else None,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.config import ConfigError, ExperimentConfig, build_config, differing_fields
+from fedguard.evaluation.stats import format_rate, paired_refusals, rate_interval
 from fedguard.io import atomic_write_bytes, atomic_write_text, read_ndjson
 from fedguard.reporting.figures import png_bytes, pyplot
 from fedguard.simulation.runner import CONFIG_FILE, FINAL_METRICS_FILE, METRICS_FILE, load_run_config, run_experiment
@@ -31,14 +32,14 @@ def parse_ratio(text: str, num_clients: int) -> int:
 
 
 def cell_config(base: ExperimentConfig, ratio: str, level: str, attack: str | None = None,
-                aggregator: str | None = None) -> ExperimentConfig:
+                aggregator: str | None = None, name: str | None = None) -> ExperimentConfig:
     """One cell of the grid; ``attack`` (an attack kind) and ``aggregator`` also go into the run's name
     when given."""
     raw = base.model_dump(mode="json")
     raw.pop("sweep")  # a cell is one run: the grid (or study) it belongs to is not part of its config
     raw.pop("aggregator_study")
     tag = "".join(f"-{x}" for x in (aggregator, attack) if x)
-    raw["name"] = f"{base.name}{tag}-{ratio.replace(':', 'to')}-{level}"
+    raw["name"] = name or f"{base.name}{tag}-{ratio.replace(':', 'to')}-{level}"
     raw["attack"]["malicious_clients"] = parse_ratio(ratio, base.federation.num_clients)
     if attack:
         raw["attack"]["kind"] = attack
@@ -88,13 +89,22 @@ def _check_same_config(cfg: ExperimentConfig, run_dir: Path) -> None:
 
 def run_sweep(base: ExperimentConfig, ratios: list[str], levels: list[str], out_dir: Path, quiet: bool = False,
               attacks: list[str] | None = None, jobs: int = 1, report_only: bool = False,
-              aggregators: list[str] | None = None) -> Path:
+              aggregators: list[str] | None = None, benign_only: bool = False) -> Path:
     """Run every unfinished cell, then write the report; ``report_only`` reports the finished cells
-    and runs nothing (to look at a sweep still running elsewhere)."""
+    and runs nothing (to look at a sweep still running elsewhere). ``benign_only`` adds, per aggregator,
+    one run with every client benign and no defense: the reference the attacked runs are compared with."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    n = base.federation.num_clients
     cells = [(attack, ratio, level, cell_config(base, ratio, level, attack, aggregator))
              for aggregator in (aggregators or [None]) for attack in (attacks or [None])
-             for ratio in ratios for level in levels]
+             for ratio in ratios for level in levels
+             # the reference below is this cell (attack kind is moot without attackers)
+             if not (benign_only and level == "none" and parse_ratio(ratio, n) == 0)]
+    if benign_only:
+        cells = [(REFERENCE, f"{n}:0", "none",
+                  cell_config(base, f"{n}:0", "none", aggregator=aggregator,
+                              name=f"{base.name}{'-' + aggregator if aggregator else ''}-benign-only"))
+                 for aggregator in (aggregators or [None])] + cells
     for *_, cfg in cells:
         _check_same_config(cfg, out_dir / cfg.name)
     todo = [(cfg, out_dir / cfg.name) for *_, cfg in cells if not (out_dir / cfg.name / FINAL_METRICS_FILE).is_file()]
@@ -113,9 +123,12 @@ def run_sweep(base: ExperimentConfig, ratios: list[str], levels: list[str], out_
         final = json.loads((run_dir / FINAL_METRICS_FILE).read_text())
         records = read_ndjson(run_dir / METRICS_FILE)
         rows.append({"aggregator": cfg.server.aggregator, "attack": attack or cfg.attack.kind, "ratio": ratio,
-                     "level": level, "run": cfg.name,
+                     "level": level, "run": cfg.name, "malicious": cfg.attack.malicious_clients,
                      "final": final, "records": records, "detection": _detection(records)})
     return write_sweep_report(base, rows, out_dir)
+
+
+REFERENCE = "benign-only"  # the attack column of the reference run (no attackers)
 
 
 def _run_parallel(todo: list[tuple[ExperimentConfig, Path]], jobs: int, quiet: bool) -> None:
@@ -160,29 +173,41 @@ def _series(record: dict[str, Any], key: str) -> float | None:
     return record.get("eval", {}).get(key)
 
 
+def _grid(plt, n_panels: int, height: float = 3.4):
+    cols = min(4, n_panels)
+    nrows = (n_panels + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, height * nrows), sharey=True, squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    for ax in flat[n_panels:]:
+        ax.axis("off")
+    return fig, axes, flat
+
+
 def _plot(rows: list[dict[str, Any]], key: str, ylabel: str) -> bytes:
     plt = pyplot()
-    several = len({r["attack"] for r in rows}) > 1
+    attacked = [r for r in rows if r["attack"] != REFERENCE]
+    references = [r for r in rows if r["attack"] == REFERENCE]
+    several = len({r["attack"] for r in attacked}) > 1
     several_aggregators = len({r["aggregator"] for r in rows}) > 1
-    panels = list(dict.fromkeys(_panel(r, several) for r in rows))
-    cols = min(4, len(panels))
-    nrows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), sharey=True, squeeze=False)
-    flat = [ax for line in axes for ax in line]
+    panels = list(dict.fromkeys(_panel(r, several) for r in attacked)) or ["benign-only"]
+    fig, axes, flat = _grid(plt, len(panels))
     for ax, panel in zip(flat, panels):
-        for r in rows:
+        for r in attacked:
             if _panel(r, several) != panel:
                 continue
             pts = [(x["round"], v) for x in r["records"] if (v := _series(x, key)) is not None]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=_label(r, several_aggregators))
+        for r in references:  # the benign-only reference in every panel
+            pts = [(x["round"], v) for x in r["records"] if (v := _series(x, key)) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "s--", color="grey", label=_label(r, several_aggregators).replace(
+                    "none", "benign-only") if several_aggregators else "benign-only")
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=7)
-    for ax in flat[len(panels):]:
-        ax.axis("off")
     for line in axes:
         line[0].set_ylabel(ylabel)
     fig.tight_layout()
@@ -193,32 +218,170 @@ PLOTS = (("refusal_rate", "refusal rate (%)"), ("exact_match", "exact match (%)"
          ("tpr", "malicious clients flagged (TPR %)"), ("fpr", "benign clients flagged (FPR %)"))
 
 
+# -- comparisons on the same prompts ------------------------------------------------------------------------
+def _last_eval(row: dict[str, Any]) -> dict[str, Any]:
+    evals = [r["eval"] for r in row["records"] if "eval" in r]
+    return evals[-1] if evals else {}
+
+
+def _versus(row: dict[str, Any], other: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Refusal of ``row`` minus ``other`` after the last round, with the paired test on the same prompts."""
+    if other is None or other is row:
+        return None
+    a, b = row["final"].get("after", {}), other["final"].get("after", {})
+    test = paired_refusals(_last_eval(row).get("refused"), _last_eval(other).get("refused"))
+    if test is None or "refusal_rate" not in a or "refusal_rate" not in b:
+        return None
+    return {"delta": a["refusal_rate"] - b["refusal_rate"], **test}
+
+
+def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (aggregator, attack, ratio) with attackers: the undefended run, the best defended run (highest
+    refusal after, then lowest over-refusal) and the benign-only reference, with the paired tests."""
+    refs = {r["aggregator"]: r for r in rows if r["attack"] == REFERENCE}
+    out = []
+    for key in dict.fromkeys((r["aggregator"], r["attack"], r["ratio"]) for r in rows
+                             if r["attack"] != REFERENCE and r["malicious"]):
+        group = [r for r in rows if (r["aggregator"], r["attack"], r["ratio"]) == key]
+        none = next((r for r in group if r["level"] == "none"), None)
+        defended = [r for r in group if r["level"] != "none" and "refusal_rate" in r["final"].get("after", {})]
+        best = max(defended, key=lambda r: (r["final"]["after"]["refusal_rate"],
+                                            -r["final"]["after"].get("overrefusal_rate", 0.0)), default=None)
+        ref = refs.get(key[0])
+        out.append({"aggregator": key[0], "attack": key[1], "ratio": key[2], "undefended": none, "best": best,
+                    "reference": ref, "best_vs_undefended": best and _versus(best, none),
+                    "best_vs_reference": best and _versus(best, ref)})
+    return out
+
+
+def _p_words(test: dict[str, Any], a: str, b: str) -> str:
+    return (f"prompts refused only {a}: {test['only_a']}, only {b}: {test['only_b']}; exact McNemar "
+            f"p = {test['p']:.2g}, {'beyond' if test['p'] < 0.05 else 'within'} noise at 5 %")
+
+
+def headline(c: dict[str, Any], num_clients: int, several_aggregators: bool) -> list[str]:
+    """The sentences a newcomer reads first: what the attack did, what the defense kept, against benign-only."""
+    none, best, ref = c["undefended"], c["best"], c["reference"]
+    first = (none or best or ref)["final"]
+    before, n = first.get("before", {}).get("refusal_rate"), first.get("before", {}).get("harmful_n")
+    m = (none or best)["malicious"]
+    where = f" (aggregator `{c['aggregator']}`)" if several_aggregators else ""
+    parts = [f"With {m} of {num_clients} clients malicious (`{c['attack']}`){where}, the refusal rate on {n} "
+             f"held-out harmful prompts went from {before:.1f} % (the starting model)"]
+    if none:
+        parts.append(f"to {none['final']['after']['refusal_rate']:.1f} % without defense")
+    if best:
+        parts.append(f"{'and ' if none else 'to '}{best['final']['after']['refusal_rate']:.1f} % with the "
+                     f"`{best['level']}` defense")
+    sentence = " ".join(parts)
+    if ref:
+        sentence += f"; benign-only training (no attackers) reaches {ref['final']['after']['refusal_rate']:.1f} %"
+    lines = [sentence + "."]
+    if c["best_vs_undefended"]:
+        t = c["best_vs_undefended"]
+        lines.append(f"Defended vs undefended: {t['delta']:+.1f} points ({_p_words(t, 'defended', 'undefended')}).")
+    if c["best_vs_reference"]:
+        t = c["best_vs_reference"]
+        lines.append(f"Defended vs benign-only: {t['delta']:+.1f} points ({_p_words(t, 'defended', 'benign-only')}).")
+    over = [(label, r["final"]["after"].get("overrefusal_rate")) for label, r in
+            (("undefended", none), ("defended", best), ("benign-only", ref)) if r]
+    if any(v is not None for _, v in over):
+        lines.append("Over-refusal of benign requests that look harmful: "
+                     + ", ".join(f"{v:.1f} % {label}" for label, v in over if v is not None) + ".")
+    return lines
+
+
+def _summary_plot(comparisons: list[dict[str, Any]], rows: list[dict[str, Any]]) -> bytes:
+    """Per attacked setting: benign-only, undefended and every defended run, refusal and over-refusal after
+    the last round with 95 % Wilson intervals; the dashed line is the starting model's refusal."""
+    plt = pyplot()
+    fig, axes, flat = _grid(plt, len(comparisons), height=3.8)
+    for ax, c in zip(flat, comparisons):
+        group = [r for r in rows if (r["aggregator"], r["attack"], r["ratio"]) ==
+                 (c["aggregator"], c["attack"], c["ratio"]) and r["level"] != "none"]
+        runs = [(lbl, r) for lbl, r in (("benign-only", c["reference"]), ("undefended", c["undefended"])) if r]
+        runs += [(r["level"], r) for r in group]
+        for offset, key, colour in ((-0.2, "refusal_rate", "tab:blue"), (0.2, "overrefusal_rate", "tab:orange")):
+            xs, vals, errs = [], [], [[], []]
+            for i, (_, r) in enumerate(runs):
+                after = r["final"].get("after", {})
+                if key not in after:
+                    continue
+                ci = rate_interval(after, key) or (after[key], after[key])
+                xs.append(i + offset)
+                vals.append(after[key])
+                errs[0].append(after[key] - ci[0])
+                errs[1].append(ci[1] - after[key])
+            if xs:
+                ax.bar(xs, vals, width=0.38, color=colour, yerr=errs, capsize=3,
+                       label="refusal of harmful" if key == "refusal_rate" else "over-refusal of benign look-alikes")
+        before = (c["undefended"] or c["best"])["final"].get("before", {}).get("refusal_rate")
+        if before is not None:
+            ax.axhline(before, color="black", linestyle="--", linewidth=1, label="starting model")
+        ax.set_xticks(range(len(runs)), [lbl for lbl, _ in runs], fontsize=8)
+        ax.set_ylim(0, 105)
+        after_round = (c["undefended"] or c["best"])["final"].get("after_round")
+        ax.set_title(f"{c['attack']} · {c['ratio']}" + (f" · {c['aggregator']}" if c["aggregator"] != "fedavg" else "")
+                     + f" · after round {after_round}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    flat[0].set_ylabel("% of prompts (95 % interval)")
+    fig.legend(*flat[0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3,
+               bbox_to_anchor=(0.5, -0.06))
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
 def write_sweep_report(base: ExperimentConfig, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     def f(v, nd=1):
         return "–" if v is None else f"{v:.{nd}f}"
 
+    def vs(t):
+        return "–" if t is None else f"{t['delta']:+.1f} (p {t['p']:.2g})"
+
     for key, label in PLOTS:
         atomic_write_bytes(out_dir / f"{key}.png", _plot(rows, key, label))
-    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    comparisons = _comparisons(rows)
     aggregators = list(dict.fromkeys(r["aggregator"] for r in rows))
-    lines = [f"# fedguard sweep: {base.name}", "",
-             f"Model `{base.model.name_or_path}`, {base.federation.num_clients} clients "
-             f"({base.federation.clients_per_round} per round), {base.federation.rounds} rounds, "
-             f"{base.train.local_steps} local steps, aggregator {', '.join(f'`{a}`' for a in aggregators)}, "
-             f"attack {', '.join(f'`{a}`' for a in attacks)}. Refusal rate = rule score on "
-             f"{base.eval.harmful_prompts} held-out harmful prompts (higher is safer); exact match and held-out loss "
-             "measure utility. Detection columns are means over rounds of the probe defense (flagged: weight < 0.5) "
-             "or, without one, of the rule's screening (screened out: kept in less than half); uplink is per "
-             "client per round, time per round (means).", "",
-             "| aggregator | attack | benign:malicious | defense | refusal before | refusal after | over-refusal after "
-             "| exact match after | held-out loss after | TPR | FPR | AUROC | uplink KB / client | s / round | run |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    attacks = list(dict.fromkeys(r["attack"] for r in rows if r["attack"] != REFERENCE))
+    first = rows[0]["final"].get("before", {})
+    lines = [f"# fedguard sweep: {base.name}", ""]
+    for c in comparisons:
+        lines += [" ".join(headline(c, base.federation.num_clients, len(aggregators) > 1)), ""]
+    if comparisons:
+        atomic_write_bytes(out_dir / "summary.png", _summary_plot(comparisons, rows))
+        lines += ["![benign-only, undefended and defended runs](summary.png)", ""]
+    n = first.get("harmful_n")
+    lines += [f"Model `{base.model.name_or_path}`, {base.federation.num_clients} clients "
+              f"({base.federation.clients_per_round} per round), {base.federation.rounds} rounds, "
+              f"{base.train.local_steps} local steps, aggregator {', '.join(f'`{a}`' for a in aggregators)}, "
+              f"attack {', '.join(f'`{a}`' for a in attacks) or '–'}. The starting model refuses "
+              f"{format_rate(first, 'refusal_rate')} % of the harmful prompts and "
+              f"{format_rate(first, 'overrefusal_rate')} % of the benign look-alikes.", "",
+              f"Refusal = fedguard's rule on {n if n else base.eval.harmful_prompts} held-out harmful prompts of "
+              f"`{base.eval.harmful_source}` (higher is safer; one prompt moves it "
+              f"{f(100 / n if n else None)} points), with its 95 % Wilson interval; the keyword column is the "
+              "Safe-FedLLM keyword rule on the same responses. Over-refusal: refusals of benign requests that look "
+              f"harmful (`{base.eval.overrefusal_source}`). *vs undefended* and *vs benign-only*: refusal "
+              "difference in points against the undefended run of the same setting and the benign-only run, with "
+              "the exact McNemar p on the same prompts. Exact match and held-out loss measure utility. Detection "
+              "columns are means over rounds of the probe defense (flagged: weight < 0.5) or, without one, of "
+              "the rule's screening (screened out: kept in less than half); uplink is per client per round, time "
+              "per round (means).", "",
+              "| aggregator | attack | benign:malicious | defense | refusal after [95 % CI] | keyword rule "
+              "| over-refusal after [95 % CI] | exact match after | held-out loss after | vs undefended "
+              "| vs benign-only | TPR | FPR | AUROC | uplink KB / client | s / round | run |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    undefended = {(r["aggregator"], r["attack"], r["ratio"]): r for r in rows if r["level"] == "none"}
+    refs = {r["aggregator"]: r for r in rows if r["attack"] == REFERENCE}
     for r in rows:
-        b, a, det = r["final"].get("before", {}), r["final"].get("after", {}), r["detection"]
+        a, det = r["final"].get("after", {}), r["detection"]
         up = _per_round_mean(r["records"], "bytes_up_mean")  # per client per round
-        lines.append(f"| {r['aggregator']} | {r['attack']} | {r['ratio']} | {r['level']} | {f(b.get('refusal_rate'))} | "
-                     f"{f(a.get('refusal_rate'))} | {f(a.get('overrefusal_rate'))} | {f(a.get('exact_match'))} | "
+        lines.append(f"| {r['aggregator']} | {r['attack']} | {r['ratio']} | {r['level']} | "
+                     f"{format_rate(a, 'refusal_rate')} | {f(a.get('refusal_rate_keyword'))} | "
+                     f"{format_rate(a, 'overrefusal_rate')} | {f(a.get('exact_match'))} | "
                      f"{f(a.get('eval_loss'), 4)} | "
+                     f"{vs(_versus(r, undefended.get((r['aggregator'], r['attack'], r['ratio']))))} | "
+                     f"{vs(_versus(r, refs.get(r['aggregator'])))} | "
                      f"{f(det['tpr'], 2)} | {f(det['fpr'], 2)} | {f(det['auroc'], 2)} | "
                      f"{f(None if up is None else up / 1e3)} | {f(_per_round_mean(r['records'], 'round_seconds'))} | "
                      f"[{r['run']}]({r['run']}/report.md) |")
@@ -226,5 +389,9 @@ def write_sweep_report(base: ExperimentConfig, rows: list[dict[str, Any]], out_d
     report = out_dir / "sweep.md"
     atomic_write_text(report, "\n".join(lines))
     atomic_write_text(out_dir / "sweep.json", json.dumps(
-        [{k: v for k, v in r.items() if k != "records"} for r in rows], indent=2, sort_keys=True) + "\n")
+        {"headline": [" ".join(headline(c, base.federation.num_clients, len(aggregators) > 1)) for c in comparisons],
+         "comparisons": [{k: (v["run"] if isinstance(v, dict) and "run" in v else v) for k, v in c.items()}
+                         for c in comparisons],
+         "runs": [{k: v for k, v in r.items() if k != "records"} for r in rows]},
+        indent=2, sort_keys=True) + "\n")
     return report
