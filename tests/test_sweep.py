@@ -102,3 +102,19 @@ def test_sweep_compares_with_benign_only_on_the_same_prompts(tmp_path):
     row = next(x.split("|") for x in text.splitlines() if "| 2:2 | client |" in x)
     assert row[5].strip().count("[") == 1 and row[10].strip().startswith(("+", "-"))  # interval; vs undefended
     assert (out / "summary.png").stat().st_size > 5000
+    # Any two finished runs compare the same way; runs evaluated on other prompts are not paired.
+    import shutil
+
+    from fedguard.simulation.sweep import compare_runs
+
+    lines = compare_runs(out / "t-2to2-client", out / "t-2to2-none")
+    assert lines[0].startswith("t-2to2-client: refusal") and "[" in lines[0]
+    assert lines[-1].startswith(f"t-2to2-client vs t-2to2-none: {t['delta']:+.1f} points") and "McNemar" in lines[-1]
+    other = tmp_path / "other"
+    shutil.copytree(out / "t-2to2-none", other)
+    records = [json.loads(x) for x in (other / "metrics.ndjson").read_text().splitlines()]
+    records[-1]["eval"]["harmful_set"] = "another-set"
+    (other / "metrics.ndjson").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert compare_runs(out / "t-2to2-client", other)[-1].startswith("not evaluated on the same harmful prompts")
+    with pytest.raises(ConfigError, match="not a finished run"):
+        compare_runs(out, other)

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild the report of a finished run from its metrics")
     rep.add_argument("run_dir", type=Path)
 
+    cmp_ = sub.add_parser("compare", help="two finished runs side by side, with the paired test on the same prompts")
+    cmp_.add_argument("run_a", type=Path)
+    cmp_.add_argument("run_b", type=Path)
+
     show = sub.add_parser("show-config", help="print the resolved, validated config (defaults filled in)")
     show.add_argument("config", nargs="?", default=None, help="experiment YAML (omit for the defaults)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -146,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{args.run_dir} has not finished (no {FINAL_METRICS_FILE}); resume it first")
             final = json.loads(final_path.read_text(encoding="utf-8"))
             print(write_report(args.run_dir, cfg, read_ndjson(args.run_dir / METRICS_FILE), final))
+            return 0
+        if args.command == "compare":
+            from fedguard.simulation.sweep import compare_runs
+
+            print("\n".join(compare_runs(args.run_a, args.run_b)))
             return 0
         if args.command == "show-config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")

@@ -117,6 +117,9 @@ class Evaluator:
             result["refusal_rate_keyword"] = 100.0 * sum(keyword_refusal(r) for r in responses) / len(responses)
             result["harmful_n"] = len(responses)
             result["refused"] = [int(f) for f in refusals]  # per prompt, in order: paired comparisons of runs
+            # which prompts, in which order: only evaluations with the same set are compared prompt by prompt
+            result["harmful_set"] = hashlib.sha256("\x00".join(
+                e.prompt_text for e in self.data.harmful_prompts).encode()).hexdigest()[:16]
             result["harmful_samples"] = [
                 {"prompt": e.prompt_text, "response": r, "refusal": f}
                 for e, r, f in list(zip(self.data.harmful_prompts, responses, refusals))[:samples]

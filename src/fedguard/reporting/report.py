@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedguard.config import ExperimentConfig
+from fedguard.config import ExperimentConfig, split_level
 from fedguard.evaluation.stats import RATE_N, format_rate
 from fedguard.io import atomic_write_bytes, atomic_write_text
 from fedguard.reporting.figures import png_bytes, pyplot
@@ -90,9 +90,10 @@ def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
     if not rounds:
         return []
     tau = cfg.defense.threshold if cfg.defense.threshold is not None else "the probe's calibrated threshold"
+    probe_level, _ = split_level(cfg.defense.level)
     lines = ["", f"## Defense: {cfg.defense.level} level", "",
-             f"Probe threshold τ = {tau}, fail policy `{cfg.defense.fail_policy}`; "
-             f"{cfg.attack.malicious_clients} malicious client(s), attack `{cfg.attack.kind}` (ground truth, used "
+             (f"Probe threshold τ = {tau}, fail policy `{cfg.defense.fail_policy}`; " if probe_level else "")
+             + f"{cfg.attack.malicious_clients} malicious client(s), attack `{cfg.attack.kind}` (ground truth, used "
              "only for the detection columns).", "",
              "![defense weights per round](plots/defense.png)", "",
              "Behaviour audit (where it runs): Δ = change of the loss of the server's refusal answers that the "

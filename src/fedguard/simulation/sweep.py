@@ -229,10 +229,40 @@ def _versus(row: dict[str, Any], other: dict[str, Any] | None) -> dict[str, Any]
     if other is None or other is row:
         return None
     a, b = row["final"].get("after", {}), other["final"].get("after", {})
-    test = paired_refusals(_last_eval(row).get("refused"), _last_eval(other).get("refused"))
+    ea, eb = _last_eval(row), _last_eval(other)
+    if ea.get("harmful_set") != eb.get("harmful_set"):
+        return None  # other prompts (or order): no prompt-by-prompt test
+    test = paired_refusals(ea.get("refused"), eb.get("refused"))
     if test is None or "refusal_rate" not in a or "refusal_rate" not in b:
         return None
     return {"delta": a["refusal_rate"] - b["refusal_rate"], **test}
+
+
+def finished_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run as a comparison row: its final metrics and its per-round records."""
+    final_path = run_dir / FINAL_METRICS_FILE
+    if not final_path.is_file():
+        raise ConfigError(f"{run_dir} is not a finished run (no {FINAL_METRICS_FILE})")
+    return {"run": run_dir.name, "final": json.loads(final_path.read_text(encoding="utf-8")),
+            "records": read_ndjson(run_dir / METRICS_FILE)}
+
+
+def compare_runs(a_dir: Path, b_dir: Path) -> list[str]:
+    """Two finished runs side by side after their last round, with the paired test on the same prompts."""
+    a, b = finished_run(a_dir), finished_run(b_dir)
+    lines = []
+    for r in (a, b):
+        ev = r["final"].get("after", {})
+        lines.append(f"{r['run']}: refusal {format_rate(ev, 'refusal_rate')} % (keyword rule "
+                     f"{ev.get('refusal_rate_keyword', float('nan')):.1f} %), over-refusal "
+                     f"{format_rate(ev, 'overrefusal_rate')} %, exact match {ev.get('exact_match', float('nan')):.1f} "
+                     f"%, held-out loss {ev.get('eval_loss', float('nan')):.4f}")
+    t = _versus(a, b)
+    if t is None:
+        lines.append("not evaluated on the same harmful prompts: no prompt-by-prompt test")
+    else:
+        lines.append(f"{a['run']} vs {b['run']}: {t['delta']:+.1f} points ({_p_words(t, a['run'], b['run'])})")
+    return lines
 
 
 def _comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
