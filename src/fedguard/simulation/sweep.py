@@ -230,8 +230,8 @@ def _versus(row: dict[str, Any], other: dict[str, Any] | None) -> dict[str, Any]
         return None
     a, b = row["final"].get("after", {}), other["final"].get("after", {})
     ea, eb = _last_eval(row), _last_eval(other)
-    if ea.get("harmful_set") != eb.get("harmful_set"):
-        return None  # other prompts (or order): no prompt-by-prompt test
+    if ea.get("harmful_set") and eb.get("harmful_set") and ea["harmful_set"] != eb["harmful_set"]:
+        return None  # other prompts (or order): no prompt-by-prompt test (runs from before the hash: by count)
     test = paired_refusals(ea.get("refused"), eb.get("refused"))
     if test is None or "refusal_rate" not in a or "refusal_rate" not in b:
         return None
@@ -303,6 +303,10 @@ def headline(c: dict[str, Any], num_clients: int, several_aggregators: bool) -> 
     if best:
         parts.append(f"{'and ' if none else 'to '}{best['final']['after']['refusal_rate']:.1f} % with the "
                      f"`{best['level']}` defense")
+        rounds = [r for r in best["records"] if r.get("round", 0) > 0]
+        skipped = sum(bool(r.get("defense", {}).get("skipped")) for r in rounds)
+        if skipped:  # a defense that froze the model is safe, but nothing was learned in those rounds
+            parts.append(f"(which skipped {skipped} of {len(rounds)} rounds, keeping the model unchanged)")
     sentence = " ".join(parts)
     if ref:
         sentence += f"; benign-only training (no attackers) reaches {ref['final']['after']['refusal_rate']:.1f} %"
