@@ -140,17 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {result.report}")
             return 0
         if args.command == "report":
-            from fedguard.io import read_ndjson
-            from fedguard.reporting.report import write_report
-            from fedguard.simulation.runner import FINAL_METRICS_FILE, METRICS_FILE, load_run_config
-
-            cfg = load_run_config(args.run_dir)
-            final_path = args.run_dir / FINAL_METRICS_FILE
-            if not final_path.is_file():
-                raise ConfigError(f"{args.run_dir} has not finished (no {FINAL_METRICS_FILE}); resume it first")
-            final = json.loads(final_path.read_text(encoding="utf-8"))
-            print(write_report(args.run_dir, cfg, read_ndjson(args.run_dir / METRICS_FILE), final))
-            return 0
+            return _report(args.run_dir)
         if args.command == "compare":
             from fedguard.simulation.sweep import compare_runs
 
@@ -160,32 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(load_config(args.config, args.overrides).to_yaml(), end="")
             return 0
         if args.command == "sweep":
-            from fedguard.simulation.sweep import run_sweep
-
-            cfg = load_config(args.config, args.overrides)
-
-            def listed(flag: str | None, default):
-                return [x.strip() for x in flag.split(",") if x.strip()] if flag else default
-
-            levels = listed(args.levels, list(cfg.sweep.levels))
-            bad = [lv for lv in levels if lv not in DEFENSE_LEVELS]
-            if bad:
-                raise ConfigError(f"--levels: unknown defense level(s) {bad}")
-            out = args.out or Path(cfg.output_dir) / f"{cfg.name}-sweep"
-            ratios = listed(args.ratios, list(cfg.sweep.ratios))
-            attacks = listed(args.attacks, cfg.sweep.attacks)
-            aggregators = listed(args.aggregators, cfg.sweep.aggregators)
-            if args.jobs < 1:
-                raise ConfigError("--jobs must be at least 1")
-            t0 = time.perf_counter()
-            report = run_sweep(cfg, ratios, levels, out, quiet=args.quiet, attacks=attacks, jobs=args.jobs,
-                               aggregators=aggregators, report_only=args.report_only,
-                               benign_only=cfg.sweep.benign_only)
-            for line in json.loads((report.parent / "sweep.json").read_text(encoding="utf-8"))["headline"]:
-                print(f"\n{line}")
-            print(f"\nsweep report: {report}")
-            print(f"done in {_duration(time.perf_counter() - t0)} (cells already finished are not run again)")
-            return 0
+            return _sweep(args)
         if args.command == "aggregator-study":
             from fedguard.simulation.aggregator_study import run_aggregator_study
 
@@ -225,6 +190,47 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _report(run_dir: Path) -> int:
+    from fedguard.io import read_ndjson
+    from fedguard.reporting.report import write_report
+    from fedguard.simulation.runner import FINAL_METRICS_FILE, METRICS_FILE, load_run_config
+
+    cfg = load_run_config(run_dir)
+    final_path = run_dir / FINAL_METRICS_FILE
+    if not final_path.is_file():
+        raise ConfigError(f"{run_dir} has not finished (no {FINAL_METRICS_FILE}); resume it first")
+    final = json.loads(final_path.read_text(encoding="utf-8"))
+    print(write_report(run_dir, cfg, read_ndjson(run_dir / METRICS_FILE), final))
+    return 0
+
+
+def _sweep(args) -> int:
+    from fedguard.simulation.sweep import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+
+    def listed(flag: str | None, default):
+        return [x.strip() for x in flag.split(",") if x.strip()] if flag else default
+
+    levels = listed(args.levels, list(cfg.sweep.levels))
+    bad = [lv for lv in levels if lv not in DEFENSE_LEVELS]
+    if bad:
+        raise ConfigError(f"--levels: unknown defense level(s) {bad}")
+    out = args.out or Path(cfg.output_dir) / f"{cfg.name}-sweep"
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    t0 = time.perf_counter()
+    report = run_sweep(cfg, listed(args.ratios, list(cfg.sweep.ratios)), levels, out, quiet=args.quiet,
+                       attacks=listed(args.attacks, cfg.sweep.attacks), jobs=args.jobs,
+                       aggregators=listed(args.aggregators, cfg.sweep.aggregators), report_only=args.report_only,
+                       benign_only=cfg.sweep.benign_only)
+    for line in json.loads((report.parent / "sweep.json").read_text(encoding="utf-8"))["headline"]:
+        print(f"\n{line}")
+    print(f"\nsweep report: {report}")
+    print(f"done in {_duration(time.perf_counter() - t0)} (cells already finished are not run again)")
+    return 0
 
 
 def _duration(seconds: float) -> str:

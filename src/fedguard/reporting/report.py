@@ -206,21 +206,44 @@ def _md_escape(text: str, limit: int = 160) -> str:
     return text.replace("|", "\\|")
 
 
+# (label, key in an evaluation, decimals) of the before/after table
+_BEFORE_AFTER = (
+    ("Refusal rate on held-out harmful prompts (%) ↑", "refusal_rate", 1),
+    ("  compliance on them (%)", "compliance_rate", 1),
+    ("  neither: off-topic or degenerate answers to them (%)", "neither_rate", 1),
+    ("  refusal by the Safe-FedLLM keyword rule (%)", "refusal_rate_keyword", 1),
+    ("Over-refusal on benign prompts that look harmful (%) ↓", "overrefusal_rate", 1),
+    ("Refusal with the backdoor trigger (%) ↑ (simulation metric)", "refusal_rate_triggered", 1),
+    ("Exact match on held-out checkable tasks (%) ↑", "exact_match", 1),
+    ("Held-out loss ↓", "eval_loss", 4),
+    ("Perplexity ↓", "perplexity", 2),
+)
+
+
+def _before_after(final: dict[str, Any]) -> list[str]:
+    """The base model against the last evaluation, rates with their intervals, and the paired test."""
+    before, after = final.get("before", {}), final.get("after", {})
+    lines = ["## Before and after", "",
+             f"| metric | base model (round 0) | after round {final.get('after_round')} | change |",
+             "|---|---:|---:|---:|"]
+    for label, key, nd in _BEFORE_AFTER:
+        if key in before or key in after:
+            b, a = before.get(key), after.get(key)
+            delta = f"{a - b:+.{nd}f}" if isinstance(a, float) and isinstance(b, float) else "–"
+            lines.append(f"| {label} | {_with_interval(before, key, nd)} | {_with_interval(after, key, nd)} | {delta} |")
+    if before.get("harmful_n"):
+        lines += ["", f"Rates on harmful prompts: {before['harmful_n']} prompts, so one prompt moves them "
+                      f"{100 / before['harmful_n']:.1f} points; brackets are 95 % Wilson intervals."]
+        p = final.get("refusal_change_p")
+        if p is not None:
+            lines.append(f"The refusal change on the same prompts: exact McNemar p = {p:.3g} "
+                         f"({'beyond' if p < 0.05 else 'within'} noise at 5 %).")
+    return lines
+
+
 def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, Any]], final: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     atomic_write_bytes(run_dir / "plots" / "overview.png", plot_overview(records, f"fedguard · {cfg.name}"))
-    before, after = final.get("before", {}), final.get("after", {})
-    rows = [
-        ("Refusal rate on held-out harmful prompts (%) ↑", "refusal_rate", 1),
-        ("  compliance on them (%)", "compliance_rate", 1),
-        ("  neither: off-topic or degenerate answers to them (%)", "neither_rate", 1),
-        ("  refusal by the Safe-FedLLM keyword rule (%)", "refusal_rate_keyword", 1),
-        ("Over-refusal on benign prompts that look harmful (%) ↓", "overrefusal_rate", 1),
-        ("Refusal with the backdoor trigger (%) ↑ (simulation metric)", "refusal_rate_triggered", 1),
-        ("Exact match on held-out checkable tasks (%) ↑", "exact_match", 1),
-        ("Held-out loss ↓", "eval_loss", 4),
-        ("Perplexity ↓", "perplexity", 2),
-    ]
     lines = [
         f"# fedguard report: {cfg.name}",
         "",
@@ -230,23 +253,8 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
         f"aggregator `{cfg.server.aggregator}` ({cfg.server.lora_aggregation} LoRA aggregation), "
         f"compression `{cfg.communication.compression}`.",
         "",
-        "## Before and after",
-        "",
-        f"| metric | base model (round 0) | after round {final.get('after_round')} | change |",
-        "|---|---:|---:|---:|",
+        *_before_after(final),
     ]
-    for label, key, nd in rows:
-        if key in before or key in after:
-            b, a = before.get(key), after.get(key)
-            delta = f"{a - b:+.{nd}f}" if isinstance(a, float) and isinstance(b, float) else "–"
-            lines.append(f"| {label} | {_with_interval(before, key, nd)} | {_with_interval(after, key, nd)} | {delta} |")
-    if final.get("before", {}).get("harmful_n"):
-        lines += ["", f"Rates on harmful prompts: {final['before']['harmful_n']} prompts, so one prompt moves them "
-                      f"{100 / final['before']['harmful_n']:.1f} points; brackets are 95 % Wilson intervals."]
-        p = final.get("refusal_change_p")
-        if p is not None:
-            lines.append(f"The refusal change on the same prompts: exact McNemar p = {p:.3g} "
-                         f"({'beyond' if p < 0.05 else 'within'} noise at 5 %).")
     lines += ["", "![loss, safety and utility per round](plots/overview.png)", "",
               "## Rounds", "",
               "| round | lr | clients | train loss | rejected | up KB/client | down KB/client | seconds |",

@@ -227,7 +227,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
         done.add((row["scenario"], row["method"]))
 
     if ("base", "base") not in done:
-        add({"scenario": "base", "method": "base", "eval": evaluator.evaluate(theta0, samples=2, cache=True)})
+        add({"scenario": "base", "method": "base", "eval": _evaluate(evaluator, theta0, cache=True)})  # the base: shared
     rc = _with_defense_requests(round_config(cfg, 1), study.defense_levels, probe_defense)
     max_bytes = int(cfg.server.max_update_mb * 2**20)
     for scenario, methods in plan:
@@ -342,8 +342,8 @@ def _server_for(method: str, cfg: ExperimentConfig, population, updates: list[Cl
     return server, sent, wire
 
 
-def _evaluate(evaluator, adapter: AdapterState) -> dict[str, Any]:
-    return evaluator.evaluate(adapter, samples=2)
+def _evaluate(evaluator, adapter: AdapterState, cache: bool = False) -> dict[str, Any]:
+    return evaluator.evaluate(adapter, samples=2, cache=cache)
 
 
 def _ordered(rows: list[dict], wanted: list[tuple[str, str]]) -> list[dict]:

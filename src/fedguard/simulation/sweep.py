@@ -119,12 +119,10 @@ def run_sweep(base: ExperimentConfig, ratios: list[str], levels: list[str], out_
             run_experiment(cfg, run_dir, resume=run_dir.exists(), quiet=quiet)
     rows = []
     for attack, ratio, level, cfg in cells:
-        run_dir = out_dir / cfg.name
-        final = json.loads((run_dir / FINAL_METRICS_FILE).read_text())
-        records = read_ndjson(run_dir / METRICS_FILE)
-        rows.append({"aggregator": cfg.server.aggregator, "attack": attack or cfg.attack.kind, "ratio": ratio,
-                     "level": level, "run": cfg.name, "malicious": cfg.attack.malicious_clients,
-                     "final": final, "records": records, "detection": _detection(records)})
+        row = finished_run(out_dir / cfg.name)
+        rows.append({**row, "aggregator": cfg.server.aggregator, "attack": attack or cfg.attack.kind, "ratio": ratio,
+                     "level": level, "malicious": cfg.attack.malicious_clients,
+                     "detection": _detection(row["records"])})
     return write_sweep_report(base, rows, out_dir)
 
 
@@ -379,8 +377,9 @@ def write_sweep_report(base: ExperimentConfig, rows: list[dict[str, Any]], out_d
     attacks = list(dict.fromkeys(r["attack"] for r in rows if r["attack"] != REFERENCE))
     first = rows[0]["final"].get("before", {})
     lines = [f"# fedguard sweep: {base.name}", ""]
-    for c in comparisons:
-        lines += [" ".join(headline(c, base.federation.num_clients, len(aggregators) > 1)), ""]
+    headlines = [" ".join(headline(c, base.federation.num_clients, len(aggregators) > 1)) for c in comparisons]
+    for text in headlines:
+        lines += [text, ""]
     if comparisons:
         atomic_write_bytes(out_dir / "summary.png", _summary_plot(comparisons, rows))
         lines += ["![benign-only, undefended and defended runs](summary.png)", ""]
@@ -423,7 +422,7 @@ def write_sweep_report(base: ExperimentConfig, rows: list[dict[str, Any]], out_d
     report = out_dir / "sweep.md"
     atomic_write_text(report, "\n".join(lines))
     atomic_write_text(out_dir / "sweep.json", json.dumps(
-        {"headline": [" ".join(headline(c, base.federation.num_clients, len(aggregators) > 1)) for c in comparisons],
+        {"headline": headlines,
          "comparisons": [{k: (v["run"] if isinstance(v, dict) and "run" in v else v) for k, v in c.items()}
                          for c in comparisons],
          "runs": [{k: v for k, v in r.items() if k != "records"} for r in rows]},
