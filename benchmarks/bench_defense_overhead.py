@@ -25,7 +25,7 @@ def main() -> None:
     from fedguard.defenses.defense import ProbeDefense
     from fedguard.defenses.probe import LoRAProbe
     from fedguard.federated.client import LocalTrainer
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
     from fedguard.model import attach_lora, load_base_model
 
     cfg = load_config(_common.REPO / "configs" / "default.yaml")

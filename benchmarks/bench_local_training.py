@@ -26,7 +26,7 @@ def fedguard_round(clients_data, precision: str) -> tuple[float, float]:
     from fedguard.config import LoraSettings, ModelConfig
     from fedguard.data.federation import ClientData
     from fedguard.federated.client import LocalTrainer
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
     from fedguard.model import attach_lora, load_base_model
     from fedguard.model.lora import initial_adapter_state
 

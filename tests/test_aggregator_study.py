@@ -70,7 +70,7 @@ def test_study_compares_rules_on_the_same_updates_and_reuses_rows(tmp_path):
 def test_benign_updates_are_trained_once_and_handed_out_as_copies(tiny_loaded):
     from fedguard.data.federation import build_client_data
     from fedguard.federated.client import LocalTrainer
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
     from fedguard.simulation.aggregator_study import _TrainOnce
 
     loaded, peft_model, slot = tiny_loaded

@@ -17,7 +17,7 @@ from fedguard.aggregators.foolsgold import foolsgold_weights
 from fedguard.aggregators.lasa import sparsify
 from fedguard.config import AggregatorName, ConfigError, ServerConfig, build_config
 from fedguard.federated.aggregation import AGGREGATORS, build_aggregator
-from fedguard.federated.types import ClientUpdate, ServerState
+from fedguard.messages import ClientUpdate, ServerState
 from fedguard.io import load_tensors, save_tensors
 
 SQRT3 = math.sqrt(3.0)
@@ -430,7 +430,7 @@ def test_fedprox_proximal_term_shrinks_the_client_update(tiny_loaded):
     from fedguard.data.federation import build_client_data
     from fedguard.federated.client import LocalTrainer
     from fedguard.federated.server import FederatedServer
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
     from fedguard.model.lora import initial_adapter_state
 
     loaded, peft_model, slot = tiny_loaded

@@ -20,10 +20,9 @@ from fedguard.federated.transport import (
     uplink_header_nbytes,
     uplink_nbytes,
 )
-from fedguard.federated.types import ClientUpdate, ServerState
+from fedguard.messages import ClientUpdate, ServerState
 from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
 from fedguard.io import load_tensors, read_ndjson
-from fedguard.simulation import runner
 from fedguard.simulation.runner import run_experiment
 
 
@@ -104,7 +103,7 @@ def test_ffa_server_accepts_b_only_updates_and_keeps_a():
 
 
 def _round_config():
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
 
     return RoundConfig(server_round=1, lr=1e-3, local_steps=1, batch_size=1, grad_accum=1, seed=0)
 
@@ -266,19 +265,23 @@ def test_compressed_uplink_sizes(codec_runs):
 
 
 def test_a_corrupted_payload_in_a_run_is_rejected_and_the_run_goes_on(tmp_path, monkeypatch):
-    class Corrupting(UplinkEncoder):
-        def encode(self, update, global_adapter, rank=None):
-            sent = super().encode(update, global_adapter, rank)
-            if update.client_id == self.victim:
-                sent.payload = sent.payload[: len(sent.payload) // 2]
-            return sent
+    from fedguard.federated.client import Client
+    from fedguard.federated.sampling import sample_clients
 
+    honest_encode = Client.encode
     cfg = tiny_config(federation={"rounds": 2}, communication={"compression": "int8"})
-    Corrupting.victim = str(runner.sample_clients(4, 2, cfg.seed, 1)[0])
-    monkeypatch.setattr(runner, "UplinkEncoder", Corrupting)
+    victim = str(sample_clients(4, 2, cfg.seed, 1)[0])
+
+    def corrupting(self, update, start, rank, state):  # the network cuts the victim's message in half
+        sent = honest_encode(self, update, start, rank, state)
+        if update.client_id == victim:
+            sent.payload = sent.payload[: len(sent.payload) // 2]
+        return sent
+
+    monkeypatch.setattr(Client, "encode", corrupting)
     result = run_experiment(cfg, tmp_path / "r", quiet=True)
     records = read_ndjson(result.run_dir / "metrics.ndjson")
-    assert records[1]["rejected"][Corrupting.victim].startswith("bad_payload")
+    assert records[1]["rejected"][victim].startswith("bad_payload")
     assert len(records[1]["accepted"]) == 1 and result.final_metrics["rounds"] == 2
     assert "bad_payload" in result.report.read_text()
 

@@ -14,7 +14,7 @@ from fedguard.config import DefenseConfig
 from fedguard.defenses.defense import ProbeDefense
 from fedguard.defenses.features import FeatureSpec
 from fedguard.defenses.probe import LoRAProbe, ProbeMismatch, compat_stamp
-from fedguard.federated.types import ClientUpdate
+from fedguard.messages import ClientUpdate
 from fedguard.io import read_ndjson
 from fedguard.simulation.runner import run_experiment
 
@@ -170,7 +170,7 @@ def test_model_poisoning_transforms():
         def train(self, global_adapter, rc, data, objective=None, theta0=None, on_step=None):
             return ClientUpdate("1", {k: v + 1.0 for k, v in global_adapter.items()}, 4, {})
 
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
 
     g = {"a": torch.zeros(3)}
     rc = RoundConfig(server_round=1, lr=1e-3, local_steps=1, batch_size=1, grad_accum=1, seed=0)

@@ -12,9 +12,10 @@ from fedguard.data.schema import Example, chat
 from fedguard.data.tokenize import tokenize_example
 from fedguard.federated.aggregation import FedAvg
 from fedguard.federated.client import LocalTrainer
-from fedguard.federated.lora_exact import is_lora_a, lora_scaling, product_average, reinit_adapter
+from fedguard.model.keys import is_lora_a
+from fedguard.federated.lora_exact import lora_scaling, product_average, reinit_adapter
 from fedguard.federated.server import FederatedServer, flora_merged
-from fedguard.federated.types import ClientUpdate, RoundConfig, ServerState
+from fedguard.messages import ClientUpdate, RoundConfig, ServerState
 from fedguard.io import load_tensors, read_ndjson
 from fedguard.model.lora import embed_rank, initial_adapter_state, truncate_rank
 from fedguard.simulation.runner import run_experiment

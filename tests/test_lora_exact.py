@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedguard.federated import lora_exact as le
+from fedguard.model.keys import base_layer_key, module_of
 
 PREFIX = "base_model.model.model.layers.{}.self_attn.{}_proj"
 MODULES = (PREFIX.format(0, "q"), PREFIX.format(0, "v"), PREFIX.format(1, "q"))
@@ -61,8 +62,8 @@ def test_split_join_round_trip_and_peft_names():
     assert p.A is c[MODULES[0] + ".lora_A.weight"]
     back = le.join_pairs(pairs)
     assert set(back) == set(c) and all(back[k] is c[k] for k in c)
-    assert le.module_of(MODULES[0] + ".lora_B.weight") == MODULES[0]
-    assert le.base_layer_key(MODULES[0]) == MODULES[0] + ".base_layer.weight"
+    assert module_of(MODULES[0] + ".lora_B.weight") == MODULES[0]
+    assert base_layer_key(MODULES[0]) == MODULES[0] + ".base_layer.weight"
 
 
 @pytest.mark.parametrize("mutate, match", [
@@ -178,7 +179,7 @@ def test_ffa_through_the_server_averages_products_exactly():
     from fedguard.federated.compression import state_nbytes
     from fedguard.federated.server import FederatedServer
     from fedguard.federated.transport import WireSpec, downlink_nbytes
-    from fedguard.federated.types import ClientUpdate, ServerState
+    from fedguard.messages import ClientUpdate, ServerState
 
     glob = make_client(4, 60, out=10, inn=10)
     frozen_a = {m: glob[m + ".lora_A.weight"] for m in MODULES}

@@ -8,7 +8,7 @@ from fedguard.aggregators import Bulyan, DnC, FedAvg, Flame, FoolsGold, Krum, La
 from fedguard.config import ServerConfig
 from fedguard.federated.aggregation import AGGREGATORS, build_aggregator
 from fedguard.federated.server import FederatedServer
-from fedguard.federated.types import ClientUpdate, ServerState
+from fedguard.messages import ClientUpdate, ServerState
 from fedguard.io import read_ndjson
 from fedguard.simulation.runner import METRICS_FILE, run_experiment, screening_summary
 from fedguard.simulation.sweep import _detection, _series

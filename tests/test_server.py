@@ -4,7 +4,7 @@ import torch
 from fedguard.aggregators import weighted_mean
 from fedguard.federated.aggregation import FedAvg, build_aggregator
 from fedguard.federated.server import FederatedServer
-from fedguard.federated.types import ClientUpdate, ServerState
+from fedguard.messages import ClientUpdate, ServerState
 from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
 
 GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}

@@ -34,7 +34,7 @@ def test_federated_training_on_smollm2_lowers_the_loss(smol):
     from fedguard.federated.aggregation import FedAvg
     from fedguard.federated.client import LocalTrainer
     from fedguard.federated.server import FederatedServer
-    from fedguard.federated.types import RoundConfig, ServerState
+    from fedguard.messages import RoundConfig, ServerState
     from fedguard.model.lora import initial_adapter_state
 
     loaded, peft_model, slot = smol
@@ -115,7 +115,7 @@ def test_behaviour_audit_separates_harmful_data_clients(smol, tmp_path):
     from fedguard.data.readers import load_source
     from fedguard.defenses.audit import BehaviourAudit
     from fedguard.federated.client import LocalTrainer
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
     from fedguard.model.lora import initial_adapter_state
 
     loaded, peft_model, slot = smol

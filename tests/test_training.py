@@ -5,7 +5,7 @@ from fedguard.data.federation import ClientData, build_client_data
 from fedguard.data.schema import Example, chat
 from fedguard.data.tokenize import collate, tokenize_example
 from fedguard.federated.client import CompletionLoss, LocalTrainer
-from fedguard.federated.types import RoundConfig
+from fedguard.messages import RoundConfig
 from fedguard.model.lora import initial_adapter_state
 
 

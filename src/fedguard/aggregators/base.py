@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from fedguard.federated.types import AdapterState, ClientUpdate, ServerState
+from fedguard.messages import AdapterState, ClientUpdate, ServerState
 
 if TYPE_CHECKING:
     from fedguard.config import ServerConfig

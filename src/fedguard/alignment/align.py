@@ -177,7 +177,7 @@ def build_aligned(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
     from fedguard.data.readers import load_source
     from fedguard.federated.client import LocalTrainer
     from fedguard.federated.lora_exact import lora_scaling
-    from fedguard.federated.types import RoundConfig
+    from fedguard.messages import RoundConfig
     from fedguard.model.lora import attach_lora
 
     a = cfg.align

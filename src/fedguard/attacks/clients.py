@@ -25,8 +25,9 @@ import torch
 
 from fedguard.config import AttackConfig
 from fedguard.data.federation import ClientData
-from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig
+from fedguard.messages import AdapterState, ClientUpdate, RoundConfig
 from fedguard.seeding import torch_generator
+
 
 def _delta(a: AdapterState, b: AdapterState) -> AdapterState:
     return {k: a[k] - b[k] for k in b}
@@ -34,6 +35,20 @@ def _delta(a: AdapterState, b: AdapterState) -> AdapterState:
 
 def _norm(d: AdapterState) -> float:
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+
+
+class MaliciousClient:
+    """A ``Client`` whose local training an ``Attacker`` replaces: the downlink, the client state and the
+    encoding stay the honest client's, so an attacker sends exactly what a client can send."""
+
+    def __init__(self, client, attacker: Attacker, benign: ClientData | None):
+        self.client, self.attacker, self.benign = client, attacker, benign
+
+    def run(self, ins, data: ClientData, state, on_step=None) -> ClientUpdate:
+        def attack(start: AdapterState, rc: RoundConfig) -> ClientUpdate:
+            return self.attacker.run(self.client.trainer, start, rc, data, self.benign, self.client.theta0)
+
+        return self.client.run(ins, data, state, train=attack)
 
 
 class Attacker:

@@ -72,7 +72,21 @@ class DataTokenizer:
 
 
 def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
+    """Every client's local data, in client order."""
+    return _build_clients(cfg, tokenizer, range(cfg.federation.num_clients))
+
+
+def build_one_client_data(cfg: ExperimentConfig, tokenizer, client_id: int) -> ClientData:
+    """One client's local data, identical to its entry in ``build_client_data`` but tokenising only its own
+    examples (what a node of a real deployment builds)."""
+    if not 0 <= client_id < cfg.federation.num_clients:
+        raise ValueError(f"client {client_id} is not one of the federation's {cfg.federation.num_clients} clients")
+    return _build_clients(cfg, tokenizer, [client_id])[0]
+
+
+def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids) -> list[ClientData]:
     d, n_clients = cfg.data, cfg.federation.num_clients
+    wanted_ids = list(wanted_ids)
     rng = numpy_rng(cfg.seed, "partition")
     tok = DataTokenizer(tokenizer, cfg)
     if d.partition.method == "explicit":
@@ -80,7 +94,10 @@ def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
         wanted = [_split_counts(s.examples or d.examples_per_client,
                                 d.refusal_share if s.refusal_share is None else s.refusal_share) for s in specs]
         per_client = []
+        # one stream draws every client's sample in turn: clients up to the last one wanted are drawn
         for cid, (spec, (n_main, _)) in enumerate(zip(specs, wanted)):
+            if cid > max(wanted_ids):
+                break
             pool = load_source(spec.source, "train", n_main, cfg.seed + cid)
             per_client.append(sample_examples(pool, n_main, rng, spec.source))
     else:
@@ -96,10 +113,11 @@ def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
 
     n_refusals = sum(r for _, r in wanted)
     refusal_pool = load_source(REFUSAL_SOURCE, "train", n_refusals, cfg.seed) if n_refusals else []
-    clients, offset = [], 0
-    for cid, (main, (_, n_ref)) in enumerate(zip(per_client, wanted)):
-        mixed = main + refusal_pool[offset: offset + n_ref]
-        offset += n_ref
+    offsets = [sum(r for _, r in wanted[:cid]) for cid in range(len(wanted))]
+    clients = []
+    for cid in wanted_ids:
+        n_ref = wanted[cid][1]
+        mixed = per_client[cid] + refusal_pool[offsets[cid]: offsets[cid] + n_ref]
         order = numpy_rng(cfg.seed, "client-order", cid).permutation(len(mixed))
         mixed = [mixed[i] for i in order]
         examples = tok(mixed)

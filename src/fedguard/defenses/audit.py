@@ -34,7 +34,7 @@ import torch
 
 from fedguard.config import AuditConfig
 from fedguard.data.tokenize import TokenizedExample, collate
-from fedguard.federated.types import AdapterState, ClientUpdate
+from fedguard.messages import AdapterState, ClientUpdate
 
 MAD_TO_SIGMA = 1.4826
 

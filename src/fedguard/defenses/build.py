@@ -37,7 +37,7 @@ from fedguard.data.readers import load_source, source_fingerprint
 from fedguard.data.schema import Example
 from fedguard.defenses.features import SELECTIONS, FeatureSpec
 from fedguard.defenses.probe import LoRAProbe, compat_stamp, detection_metrics, fit_probe
-from fedguard.federated.types import RoundConfig
+from fedguard.messages import RoundConfig
 from fedguard.model.registry import cache_root
 from fedguard.seeding import numpy_rng
 

@@ -27,7 +27,7 @@ from fedguard.config import DefenseConfig, split_level
 from fedguard.defenses.features import FeatureError, adapter_delta
 from fedguard.defenses.levels import ClientLevel, EvidenceLevel, StepLevel, shadow_weight
 from fedguard.defenses.probe import LoRAProbe
-from fedguard.federated.types import AdapterState, ClientUpdate
+from fedguard.messages import AdapterState, ClientUpdate
 
 
 @dataclass

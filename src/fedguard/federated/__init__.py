@@ -8,6 +8,6 @@ Nothing else passes between them, so the in-process simulation and a networked e
 ClientApp / ServerApp) wire the same functions together.
 """
 
-from fedguard.federated.types import ClientUpdate, RoundConfig, ServerState
+from fedguard.messages import ClientUpdate, Instructions, RoundConfig, ServerState
 
-__all__ = ["ClientUpdate", "RoundConfig", "ServerState"]
+__all__ = ["ClientUpdate", "Instructions", "RoundConfig", "ServerState"]

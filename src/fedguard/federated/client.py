@@ -1,5 +1,12 @@
 """Client role: local LoRA training on one resident model.
 
+``Client.run(instructions, local_data, client_state) -> ClientUpdate`` is the whole role: take the
+downlink (FLoRA: merge the server's update into the base, re-initialise an adapter of the client's own
+rank), train (``LocalTrainer``), encode what goes on the wire (compression with the client's own
+error-feedback memory). ``ClientState`` is everything a client carries between the rounds it joins
+(optimizer moments, error-feedback residual); the engine keeps it where its platform keeps client state
+(the embedded simulation: a dict; Flower: the node's ``Context.state``).
+
 The base model is loaded once per process. A client is simulated by loading the global adapter
 tensors into the live LoRA parameters, training, and reading them back; the optimizer object is
 created once and its state cleared (or swapped per client), never rebuilt per client per round.
@@ -11,15 +18,21 @@ a fraction of the tokens, and no full [batch, length, vocab] tensor is ever buil
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from fedguard.data.federation import ClientData
 from fedguard.data.tokenize import Batch, collate
-from fedguard.federated.types import ClientUpdate, RoundConfig
+from fedguard.federated.compression import ErrorFeedback
+from fedguard.federated.lora_exact import lora_scaling, merge_delta, reinit_adapter
+from fedguard.federated.transport import WireSpec, encode_update
+from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundConfig
+from fedguard.model.keys import is_lora_a
 from fedguard.model.loading import LoadedModel
-from fedguard.model.lora import AdapterSlot, AdapterState
+from fedguard.model.lora import AdapterSlot, embed_rank
 from fedguard.seeding import derive_seed, numpy_rng
 
 
@@ -135,6 +148,17 @@ class LocalTrainer:
         self.pad_id = loaded.tokenizer.pad_token_id
 
     # -- optimizer state per client (kept across rounds when configured) --------------------------
+    @contextmanager
+    def holding(self, client_id: str, moments: dict[str, torch.Tensor]) -> Iterator[dict[str, dict]]:
+        """Train with one client's optimizer moments (a ``ClientState``'s) instead of this trainer's store;
+        yields the store, where the client's new moments are once the block ends."""
+        outer = self.client_optimizer_states
+        self.client_optimizer_states = {str(client_id): moments} if moments else {}
+        try:
+            yield self.client_optimizer_states
+        finally:
+            self.client_optimizer_states = outer
+
     def _restore_optimizer(self, client_id: str) -> None:
         self.optimizer.state.clear()
         saved = self.client_optimizer_states.get(client_id) if self.keep_optimizer_state else None
@@ -253,3 +277,119 @@ class LocalTrainer:
             if on_step is not None:
                 on_step(step + 1, step_losses[-1])
         return step_losses, tokens, targets_seen
+
+
+# -- the client role ---------------------------------------------------------------------------------------
+OPTIMIZER_PREFIX = "optimizer/"
+RESIDUAL_PREFIX = "residual/"
+
+
+@dataclass
+class ClientState:
+    """What one client keeps between the rounds it joins: its AdamW moments (``train.optimizer_state:
+    keep``) and its error-feedback residual (compression with ``error_feedback``). Tensors only, so a
+    Flower ``Context.state`` (or a checkpoint) holds ``state_dict()`` as it is."""
+
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**{OPTIMIZER_PREFIX + k: t for k, t in self.optimizer.items()},
+                **{RESIDUAL_PREFIX + k: t for k, t in self.residual.items()}}
+
+    @classmethod
+    def from_state_dict(cls, flat: Mapping[str, torch.Tensor]) -> ClientState:
+        unknown = [k for k in flat if not k.startswith((OPTIMIZER_PREFIX, RESIDUAL_PREFIX))]
+        if unknown:
+            raise ValueError(f"client state has unknown entries (e.g. {unknown[0]!r})")
+        return cls({k[len(OPTIMIZER_PREFIX):]: t for k, t in flat.items() if k.startswith(OPTIMIZER_PREFIX)},
+                   {k[len(RESIDUAL_PREFIX):]: t for k, t in flat.items() if k.startswith(RESIDUAL_PREFIX)})
+
+
+class EncodeError(ValueError):
+    """The trained update cannot be put on the wire (NaN/Inf, a value that overflows the codec); ``update``
+    keeps the client's metrics for the run's log."""
+
+    def __init__(self, update: ClientUpdate, reason: str):
+        super().__init__(reason)
+        self.update = update
+
+
+# A replacement for honest local training (a simulated attacker's): (start adapter, round config) -> update.
+TrainStep = Callable[[AdapterState, RoundConfig], ClientUpdate]
+
+
+class MergedBase:
+    """FLoRA's base weights on one resident model: W0 + ΔW, ΔW the server's merged update after a round.
+
+    The originals are kept and W0 + ΔW is always set whole (one rounding, the same whether the run went
+    straight through or resumed); setting the round the weights already hold is free.
+    """
+
+    def __init__(self, slot: AdapterSlot):
+        self.slot = slot
+        self.base0 = {m: p.detach().to("cpu", copy=True) for m, p in slot.base_weights().items()}
+        self.merged_round: int | None = None
+
+    def sync(self, delta: Mapping[str, torch.Tensor], server_round: int) -> None:
+        if self.merged_round == server_round:
+            return
+        merged = merge_delta(self.base0, delta)
+        with torch.no_grad():
+            for m, p in self.slot.base_weights().items():
+                p.copy_(merged.get(m, self.base0[m]))
+        self.merged_round = server_round
+
+
+class Client:
+    """The client role for any client on one resident model (the base model is loaded once per process).
+
+    ``merged_base``: FLoRA (the client merges the server's update into its base weights each round);
+    ``rank_of``: FLoRA, each client's own LoRA rank (its compute budget; default: the configured r).
+    """
+
+    def __init__(self, trainer: LocalTrainer, wire: WireSpec, theta0: AdapterState, *,
+                 merged_base: MergedBase | None = None, lora_alpha: float = 1.0,
+                 rank_of: Callable[[str], int] | None = None):
+        self.trainer, self.slot, self.wire, self.theta0 = trainer, trainer.slot, wire, theta0
+        self.merged_base, self.lora_alpha = merged_base, float(lora_alpha)
+        self.full_rank = max(int(t.shape[0]) for k, t in theta0.items() if is_lora_a(k))
+        self.rank_of = rank_of or (lambda cid: self.full_rank)
+
+    def run(self, ins: Instructions, data: ClientData, state: ClientState,
+            on_step: Callable[[int, float], None] | None = None, train: TrainStep | None = None) -> ClientUpdate:
+        """Downlink, local training (or ``train``), encoding: the message this client sends. ``EncodeError``
+        when the update cannot be encoded (NaN/Inf, overflow); ``state`` is updated in place."""
+        start, rank, scaling = self.start_adapter(ins)
+        cid = str(ins.client_id)
+        with self.trainer.holding(cid, state.optimizer) as held, self.slot.scaled(scaling):
+            if train is None:
+                update = self.trainer.train(start, ins.config, data, on_step=on_step, theta0=self.theta0)
+            else:
+                update = train(start, ins.config)
+        state.optimizer = held.get(cid, {})
+        return self.encode(update, start, rank, state)
+
+    def start_adapter(self, ins: Instructions) -> tuple[AdapterState, int | None, float | None]:
+        """The adapter training starts from, the client's FLoRA rank and the scaling it runs at."""
+        if self.merged_base is None:
+            return ins.global_adapter, None, None
+        self.merged_base.sync(ins.flora_delta or {}, ins.flora_round)
+        rank, rc = int(self.rank_of(str(ins.client_id))), ins.config
+        fresh = reinit_adapter(self.slot.shapes(), rank,
+                               derive_seed(rc.seed, "flora-reinit", rc.server_round, int(ins.client_id)))
+        return embed_rank(fresh, self.full_rank), rank, lora_scaling(self.lora_alpha, rank)
+
+    def encode(self, update: ClientUpdate, start: AdapterState, rank: int | None, state: ClientState) -> ClientUpdate:
+        """Compression is the last thing a client does; its error-feedback memory lives in ``state``."""
+        feedback = None
+        if self.wire.compressed and self.wire.error_feedback:
+            feedback = ErrorFeedback()
+            feedback.load_state_dict(state.residual)
+        try:
+            message = encode_update(update, start, self.wire, feedback, rank)
+        except ValueError as exc:
+            raise EncodeError(update, str(exc)) from exc
+        if feedback is not None:
+            state.residual = feedback.state_dict()
+        return message

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedguard.federated.types import AdapterState
+from fedguard.messages import AdapterState
 
 FORMAT_VERSION = 1
 META_KEY = "fedguard.compression"

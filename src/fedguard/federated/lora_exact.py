@@ -45,10 +45,7 @@ from typing import Any
 import torch
 
 from fedguard.aggregators.base import normalised
-from fedguard.federated.types import AdapterState
-
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
+from fedguard.model.keys import AdapterState, a_key, b_key, is_lora_a, module_of
 
 Float = float | int
 
@@ -77,33 +74,16 @@ class LoraPair:
         return int(self.B.shape[0])
 
 
-def is_lora_a(key: str) -> bool:
-    return key.endswith(A_SUFFIX)
 
 
-def is_lora_b(key: str) -> bool:
-    return key.endswith(B_SUFFIX)
 
 
-def module_of(key: str) -> str:
-    """``...q_proj.lora_A.weight`` -> ``...q_proj``; ValueError for a key that is not a LoRA A/B weight."""
-    for suffix in (A_SUFFIX, B_SUFFIX):
-        if key.endswith(suffix) and len(key) > len(suffix):
-            return key[: -len(suffix)]
-    raise ValueError(f"{key!r} is not a PEFT LoRA weight key (expected '<module>{A_SUFFIX}' or '<module>{B_SUFFIX}')")
 
 
-def a_key(module: str) -> str:
-    return module + A_SUFFIX
 
 
-def b_key(module: str) -> str:
-    return module + B_SUFFIX
 
 
-def base_layer_key(module: str) -> str:
-    """Name of the frozen base weight of ``module`` among a PEFT model's ``named_parameters``."""
-    return module + ".base_layer.weight"
 
 
 def split_pairs(adapter: Mapping[str, torch.Tensor]) -> dict[str, LoraPair]:
@@ -456,7 +436,7 @@ def reinit_adapter(shapes: Mapping[str, Sequence[int]], rank: int, seed: int, *,
     is the shapes' rank. FLoRA re-initialises every round: derive the seed from the round so rounds
     differ but runs repeat.
     """
-    from fedguard.model.lora import initial_adapter_state  # model.lora imports this module
+    from fedguard.model.lora import initial_adapter_state
 
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from fedguard.config import TrainConfig
+from fedguard.config import ExperimentConfig, TrainConfig
+from fedguard.messages import RoundConfig
 from fedguard.seeding import numpy_rng
 
 
@@ -25,3 +27,29 @@ def round_lr(train: TrainConfig, server_round: int, total_rounds: int) -> float:
         return train.lr
     progress = (server_round - 1) / total_rounds
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who trains in which round and with what settings (the config's federation and train sections)."""
+
+    num_clients: int
+    clients_per_round: int
+    rounds: int
+    seed: int
+    train: TrainConfig
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> RoundPlan:
+        f = cfg.federation
+        return cls(f.num_clients, f.clients_per_round, f.rounds, cfg.seed, cfg.train)
+
+    def sampled(self, server_round: int) -> list[int]:
+        return sample_clients(self.num_clients, self.clients_per_round, self.seed, server_round)
+
+    def round_config(self, server_round: int) -> RoundConfig:
+        """What every client of ``server_round`` is told before the aggregator and the defense add theirs."""
+        t = self.train
+        return RoundConfig(server_round=server_round, lr=round_lr(t, server_round, self.rounds),
+                           local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                           seed=self.seed, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)

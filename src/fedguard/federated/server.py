@@ -1,4 +1,9 @@
-"""Server role: decode and validate every update, aggregate the accepted ones, advance the server state.
+"""Server role: tell the round's clients what to do, then decode and validate every update, aggregate the
+accepted ones and advance the server state.
+
+``configure(round, global_adapter, state) -> {client id: Instructions}`` and
+``aggregate_round(round, global_adapter, updates, state) -> RoundOutcome`` are the whole role; an engine
+(the embedded simulation, a Flower strategy) moves the messages between them and the clients.
 
 The server sees ``ClientUpdate``s and nothing else; ground truth about clients (which are malicious,
 in later issues) lives only in the simulation's metadata.
@@ -30,16 +35,17 @@ import torch
 from fedguard.aggregators.base import counted_updates
 from fedguard.federated.aggregation import Aggregator
 from fedguard.federated.compression import state_nbytes
+from fedguard.federated.sampling import RoundPlan
 from fedguard.federated.lora_exact import (
     adapter_ranks,
     flora_stack,
-    is_lora_a,
     lora_scaling,
     product_average,
 )
 from fedguard.federated.transport import downlink_nbytes as wire_downlink_nbytes
 from fedguard.federated.transport import WireSpec, decode_update
-from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig, ServerState
+from fedguard.model.keys import is_lora_a
+from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundConfig, ServerState
 from fedguard.federated.validation import UpdateRejected, UpdateSpec, check_keys_are_names, validate_update
 from fedguard.seeding import derive_seed
 
@@ -72,14 +78,17 @@ class RoundOutcome:
     # naive aggregation by a rule that screens clients: client id -> share in which it counted (1 kept,
     # 0 screened out), see ``Aggregator.screening``; None otherwise
     screening: dict[str, float] | None = None
+    defended: bool = False  # a defense weighed the round's updates (verdicts, skipped)
 
 
 class FederatedServer:
     def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None, *, wire: WireSpec | None = None,
-                 lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0):
+                 lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0,
+                 plan: RoundPlan | None = None):
         """``wire``: what clients send (default: every tensor, uncompressed); ``lora_alpha``: LoRA's
         alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run
-        seed (product averaging draws fresh A rows for directions the mean does not use)."""
+        seed (product averaging draws fresh A rows for directions the mean does not use); ``plan``: who
+        trains when (needed by ``configure``)."""
         if lora_aggregation not in LORA_AGGREGATIONS:
             raise ValueError(f"unknown lora_aggregation '{lora_aggregation}' (known: {', '.join(LORA_AGGREGATIONS)})")
         if lora_aggregation == "flora" and (wire is not None and (wire.compressed or wire.lora_b_only)):
@@ -91,6 +100,17 @@ class FederatedServer:
         self.lora_aggregation = lora_aggregation
         self.lora_alpha = float(lora_alpha)
         self.seed = int(seed)
+        self.plan = plan
+
+    def configure(self, server_round: int, global_adapter: AdapterState, state: ServerState) -> dict[str, Instructions]:
+        """The round's sampled clients and what each receives: its round config and the downlink (under
+        FLoRA the merged update of every round so far, so a client that missed rounds catches up)."""
+        if self.plan is None:
+            raise ValueError("configure needs the server's RoundPlan")
+        base = self.plan.round_config(server_round)
+        delta = flora_merged(state) if self.lora_aggregation == "flora" else None
+        return {str(c): Instructions(str(c), self.client_config(base, str(c)), global_adapter, delta, state.round)
+                for c in self.plan.sampled(server_round)}
 
     def client_config(self, base: RoundConfig, client_id: str) -> RoundConfig:
         """The round config one client receives: the base, the aggregator's settings (FedProx's mu), what
@@ -178,7 +198,7 @@ class FederatedServer:
             meta["defense"] = self.defense.state_dict()
         new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
         return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped,
-                            report, screening)
+                            report, screening, defended=self.defense is not None)
 
     @staticmethod
     def _rank_spec(spec: UpdateSpec, update: ClientUpdate) -> UpdateSpec:

@@ -43,8 +43,8 @@ from fedguard.federated.compression import (
     payload_to_bytes,
     state_nbytes,
 )
-from fedguard.federated.lora_exact import is_lora_b, module_of
-from fedguard.federated.types import AdapterState, ClientUpdate
+from fedguard.model.keys import is_lora_b, module_of
+from fedguard.messages import AdapterState, ClientUpdate
 from fedguard.federated.validation import UpdateRejected
 from fedguard.model.lora import truncate_rank
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.federated.types import AdapterState, ClientUpdate
+from fedguard.messages import AdapterState, ClientUpdate
 
 
 class UpdateRejected(ValueError):

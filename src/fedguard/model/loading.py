@@ -113,7 +113,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_base_model(cfg: ModelConfig) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

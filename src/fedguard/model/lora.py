@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from fedguard.config import LoraSettings
-from fedguard.federated.lora_exact import base_layer_key, is_lora_a, is_lora_b, module_of
+from fedguard.model.keys import AdapterState, base_layer_key, is_lora_a, is_lora_b, module_of
 from fedguard.io import publish_dir
 
-AdapterState = dict[str, torch.Tensor]
 ADAPTER_NAME = "default"
 
 

@@ -45,10 +45,8 @@ from fedguard.federated.client import LocalTrainer
 from fedguard.federated.compression import CompressionSpec
 from fedguard.federated.server import FederatedServer
 from fedguard.federated.transport import UplinkEncoder, WireSpec, uplink_nbytes
-from fedguard.federated.types import AdapterState, ClientUpdate, RoundConfig, ServerState
+from fedguard.messages import AdapterState, ClientUpdate, RoundConfig, ServerState
 from fedguard.io import NdjsonWriter, atomic_write_bytes, atomic_write_text, read_ndjson
-from fedguard.model.loading import load_base_model
-from fedguard.model.lora import attach_lora
 from fedguard.reporting.figures import png_bytes, pyplot
 from fedguard.simulation.population import build_population
 from fedguard.simulation.sweep import parse_ratio
@@ -179,7 +177,8 @@ def _check_same_study(cfg: ExperimentConfig, out_dir: Path) -> None:
 
 def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
     from fedguard.evaluation.evaluator import Evaluator
-    from fedguard.simulation.runner import build_defense, round_config
+    from fedguard.factories import build_defense, load_resident
+    from fedguard.federated.sampling import RoundPlan
 
     study = cfg.aggregator_study
     rows = read_ndjson(out_dir / ROWS_FILE)
@@ -198,10 +197,9 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
     if all(w in done for w in wanted):
         return _ordered(rows, wanted)
 
-    loaded = load_base_model(cfg.model)
-    peft_model, slot = attach_lora(loaded.model, cfg.lora)
-    theta0 = slot.read()
-    trainer = LocalTrainer(loaded, peft_model, slot)
+    resident = load_resident(cfg)
+    loaded, peft_model, slot, theta0, trainer = (resident.loaded, resident.peft_model, resident.slot, resident.theta0,
+                                                 resident.trainer)
     once = _TrainOnce(trainer)
     evaluator = Evaluator(loaded, peft_model, slot, trainer.loss, build_eval_data(cfg, loaded.tokenizer), cfg.eval,
                           cfg.data.system_prompt)
@@ -213,10 +211,10 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
     # the probe simulated attackers know (the server's unless attack.probe names another)
     probe_aware = any(Scenario.parse(s).attack in ("probe_aware", "probe_projection") for s in study.scenarios)
     needs_probe = study.probe_level or probe_aware or any(split_level(lv)[0] for lv in study.defense_levels)
-    probe = build_defense(probe_cfg if needs_probe else cfg, loaded, trainer, theta0, None)[1]
+    probe = build_defense(probe_cfg if needs_probe else cfg, resident)[1]
 
     def probe_defense(level: str = "client"):  # a level with fresh state: every row is one first round
-        return build_defense(level_cfg(level), loaded, trainer, theta0, None)[0]
+        return build_defense(level_cfg(level), resident)[0]
 
     log.info("aggregator study in %s: %d scenarios, base %s (%s)", out_dir, len(plan), loaded.path,
              str(loaded.compute_dtype).removeprefix("torch."))
@@ -228,7 +226,7 @@ def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
 
     if ("base", "base") not in done:
         add({"scenario": "base", "method": "base", "eval": _evaluate(evaluator, theta0, cache=True)})  # the base: shared
-    rc = _with_defense_requests(round_config(cfg, 1), study.defense_levels, probe_defense)
+    rc = _with_defense_requests(RoundPlan.from_config(cfg).round_config(1), study.defense_levels, probe_defense)
     max_bytes = int(cfg.server.max_update_mb * 2**20)
     for scenario, methods in plan:
         todo = [m for m in methods if (scenario.name, m) not in done]

@@ -17,13 +17,14 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fedguard.federated.types import AdapterState, ServerState
+from fedguard.federated.client import ClientState
 from fedguard.io import atomic_write_json, load_tensors, publish_dir, save_tensors
+from fedguard.messages import AdapterState, ServerState
 from fedguard.model.lora import AdapterSlot, write_peft_adapter
 
 FORMAT_VERSION = 1
@@ -35,9 +36,8 @@ class Checkpoint:
     round: int
     global_adapter: AdapterState
     server_state: ServerState
-    client_optimizer_states: dict[str, dict[str, torch.Tensor]]
+    client_states: dict[str, ClientState]
     path: Path
-    client_feedback: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -45,9 +45,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, slot: AdapterSlot, global_adapter: AdapterState,
-                    server_state: ServerState, client_optimizer_states: dict[str, dict[str, torch.Tensor]],
-                    base_model: str, keep_last: int | None = None,
-                    client_feedback: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                    server_state: ServerState, client_states: dict[str, ClientState], base_model: str,
+                    keep_last: int | None = None) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round_{server_round:04d}"
@@ -55,8 +54,11 @@ def save_checkpoint(run_dir: Path, server_round: int, slot: AdapterSlot, global_
     try:
         write_peft_adapter(slot, global_adapter, staging, base_model)
         save_tensors(staging / "server_state.safetensors", server_state.tensors)
-        save_tensors(staging / "client_optimizer.safetensors", _flatten(client_optimizer_states))
-        save_tensors(staging / "client_feedback.safetensors", _flatten(client_feedback or {}))
+        # one file per kind of client state (the layout of older checkpoints)
+        save_tensors(staging / "client_optimizer.safetensors",
+                     _flatten({c: s.optimizer for c, s in sorted(client_states.items())}))
+        save_tensors(staging / "client_feedback.safetensors",
+                     _flatten({c: s.residual for c, s in sorted(client_states.items())}))
         atomic_write_json(staging / "state.json", {
             "format_version": FORMAT_VERSION, "round": server_round, "server_meta": server_state.meta,
         })
@@ -83,20 +85,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
-    feedback = path / "client_feedback.safetensors"  # absent in checkpoints of older runs
+    feedback_file = path / "client_feedback.safetensors"  # absent in checkpoints of older runs
+    moments = _unflatten(load_tensors(path / "client_optimizer.safetensors"))
+    feedback = _unflatten(load_tensors(feedback_file)) if feedback_file.is_file() else {}
     return Checkpoint(
         round=int(meta["round"]),
         global_adapter=load_tensors(path / "adapter_model.safetensors"),
         server_state=ServerState(round=int(meta["round"]), tensors=load_tensors(path / "server_state.safetensors"),
                                  meta=meta.get("server_meta", {})),
-        client_optimizer_states=_unflatten(load_tensors(path / "client_optimizer.safetensors")),
+        client_states={c: ClientState(moments.get(c, {}), feedback.get(c, {})) for c in sorted({*moments, *feedback})},
         path=path,
-        client_feedback=_unflatten(load_tensors(feedback)) if feedback.is_file() else {},
     )
 
 
 def _flatten(per_client: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{cid}/{k}": v for cid, st in per_client.items() for k, v in st.items()}
+    return {f"{cid}/{k}": v for cid, st in per_client.items() for k, v in st.items() if st}
 
 
 def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

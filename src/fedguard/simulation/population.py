@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from fedguard.attacks import Attacker
+from fedguard.attacks import Attacker, MaliciousClient
 from fedguard.config import ExperimentConfig
 from fedguard.data.federation import REFUSAL_SOURCE, ClientData, DataTokenizer, sample_examples
 from fedguard.data.readers import load_source
@@ -22,6 +22,13 @@ class Population:
     def is_malicious(self, client_id: int | str) -> bool:
         return int(client_id) in self.attackers
 
+    def role(self, client, client_id: int | str):
+        """What runs for ``client_id``: the honest ``client``, or it wrapped by the client's attacker."""
+        cid = int(client_id)
+        if cid not in self.attackers:
+            return client
+        return MaliciousClient(client, self.attackers[cid], self.benign_data.get(cid))
+
 
 def choose_malicious(num_clients: int, count: int, seed: int) -> list[int]:
     if count == 0:
@@ -29,13 +36,18 @@ def choose_malicious(num_clients: int, count: int, seed: int) -> list[int]:
     return sorted(numpy_rng(seed, "malicious-clients").choice(num_clients, size=count, replace=False).tolist())
 
 
-def build_population(cfg: ExperimentConfig, tokenizer, clients: list[ClientData], attack_probe=None) -> Population:
-    """Turn ``attack.malicious_clients`` of ``clients`` into attackers (their data is replaced in place)."""
+def build_population(cfg: ExperimentConfig, tokenizer, clients: list[ClientData] | dict[int, ClientData],
+                     attack_probe=None) -> Population:
+    """Turn ``attack.malicious_clients`` of the federation into attackers; the data of those among ``clients``
+    (every client's, in order, or some clients' by id) is replaced in place."""
     a = cfg.attack
     tok = DataTokenizer(tokenizer, cfg)
     pop = Population()
-    for cid in choose_malicious(len(clients), a.malicious_clients, cfg.seed):
+    present = set(clients) if isinstance(clients, dict) else set(range(len(clients)))
+    for cid in choose_malicious(cfg.federation.num_clients, a.malicious_clients, cfg.seed):
         pop.attackers[cid] = Attacker(a, cid, cfg.seed, attack_probe)
+        if cid not in present:
+            continue
         original = clients[cid]
         pop.benign_data[cid] = original
         if a.kind in ("sign_flip", "gaussian"):

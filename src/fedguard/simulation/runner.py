@@ -13,34 +13,25 @@ import os
 import signal
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from fedguard.config import ExperimentConfig, build_config, split_level
+from fedguard.config import ExperimentConfig, build_config
 from fedguard.data.federation import build_client_data, build_eval_data
 from fedguard.evaluation.stats import paired_refusals
-from fedguard.federated.aggregation import build_aggregator
-from fedguard.federated.client import LocalTrainer
-from fedguard.federated.lora_exact import base_layer_key, lora_scaling, merge_delta, reinit_adapter
-from fedguard.federated.sampling import round_lr, sample_clients
-from fedguard.federated.server import FederatedServer, flora_merged
-from fedguard.federated.transport import (
-    UplinkEncoder,
-    WireSpec,
-    attachment_nbytes,
-    uplink_header_nbytes,
-    uplink_nbytes,
-)
-from fedguard.federated.types import RoundConfig, ServerState
+from fedguard.factories import Resident, build_client, build_defense, build_server, lora_aggregation, load_resident
+from fedguard.federated.client import ClientState, EncodeError
+from fedguard.federated.server import flora_merged
+from fedguard.federated.transport import attachment_nbytes, uplink_header_nbytes, uplink_nbytes
 from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read_ndjson, save_tensors
-from fedguard.model.loading import load_base_model
-from fedguard.model.lora import attach_lora, embed_rank, export_peft_adapter
-from fedguard.seeding import derive_seed, numpy_rng
-from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fedguard.messages import ClientUpdate, Instructions, ServerState
+from fedguard.model.keys import base_layer_key
+from fedguard.model.lora import export_peft_adapter
 from fedguard.simulation.population import build_population
+from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fedguard.simulation.progress import RunProgress
 
 log = logging.getLogger("fedguard")
@@ -114,9 +105,60 @@ class RunResult:
     report: Path
 
 
+@dataclass
+class Replies:
+    """What came back from one round's clients."""
+
+    messages: list[ClientUpdate]  # what arrived, for the server to judge
+    metrics: dict[str, dict[str, float]]  # client id -> its training metrics (clients that trained)
+    failed: dict[str, str] = field(default_factory=dict)  # client id -> why its message never arrived
+
+
+class EmbeddedClients:
+    """The embedded engine's side of a round: every sampled client's role, run in this process on the one
+    resident model, with the clients' data and state held here (and checkpointed with the run)."""
+
+    def __init__(self, cfg: ExperimentConfig, resident: Resident, attacker_probe):
+        self.data = build_client_data(cfg, resident.loaded.tokenizer)
+        # ground truth: which clients are malicious (they run their attacker's role; metrics only otherwise)
+        self.population = build_population(cfg, resident.loaded.tokenizer, self.data, attacker_probe)
+        self.client = build_client(cfg, resident)
+        self.states: dict[str, ClientState] = {}
+        log.info("%d clients with %s examples", len(self.data), [len(c) for c in self.data])
+
+    def exchange(self, server_round: int, instructions: dict[str, Instructions], progress: RunProgress) -> Replies:
+        replies = Replies([], {})
+        for k, (cid, ins) in enumerate(instructions.items()):
+            progress.status(f"round {server_round} · client {cid} ({k + 1}/{len(instructions)})")
+            state = self.states.setdefault(cid, ClientState())
+            try:
+                message = self.population.role(self.client, cid).run(ins, self.data[int(cid)], state,
+                                                                      on_step=progress.step)
+            except EncodeError as exc:
+                replies.failed[cid], replies.metrics[cid] = f"encode_failed: {exc}", exc.update.metrics
+                log.warning("round %d: client %s could not encode its update (%s)", server_round, cid, exc)
+                continue
+            replies.messages.append(message)
+            replies.metrics[cid] = message.metrics
+        return replies
+
+    def state_dict(self) -> dict[str, ClientState]:
+        return self.states
+
+    def load_state_dict(self, states: dict[str, ClientState]) -> None:
+        self.states = dict(states)
+
+
+# An engine's client side: (config, the server process's resident model, the probe attackers know) -> an
+# object with ``population``, ``exchange``, ``state_dict`` and ``load_state_dict`` (EmbeddedClients).
+ClientsFactory = Callable[[ExperimentConfig, Resident, Any], Any]
+
+
 def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
-                   stop_after_round: int | None = None, quiet: bool = False) -> RunResult:
-    """Run (or resume) an experiment in ``run_dir``; returns where the results are."""
+                   stop_after_round: int | None = None, quiet: bool = False,
+                   clients: ClientsFactory = EmbeddedClients) -> RunResult:
+    """Run (or resume) an experiment in ``run_dir``; returns where the results are. ``clients``: the
+    engine's client side (default: the embedded simulation)."""
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -125,64 +167,35 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
     runlog = RunLog(run_dir, progress.console)
     try:
         with progress:
-            return _run(cfg, run_dir, resume, stop_after_round, progress)
+            return _run(cfg, run_dir, resume, stop_after_round, progress, clients)
     finally:
         runlog.close()
 
 
 def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: int | None,
-         progress: RunProgress) -> RunResult:
+         progress: RunProgress, clients_factory: ClientsFactory) -> RunResult:
     t_start = time.perf_counter()
-    loaded = load_base_model(cfg.model)
-    peft_model, slot = attach_lora(loaded.model, cfg.lora)
-    theta0 = slot.read()
-    clients = build_client_data(cfg, loaded.tokenizer)
+    resident = load_resident(cfg)
+    loaded = resident.loaded
     eval_data = build_eval_data(cfg, loaded.tokenizer)
     if cfg.attack.kind == "backdoor" and cfg.attack.malicious_clients:  # attack success, for metrics only
         from fedguard.simulation.population import with_trigger
 
         eval_data.triggered_prompts = [with_trigger(e, cfg.attack.trigger) for e in eval_data.harmful_prompts]
-    trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
-    defense, probe = build_defense(cfg, loaded, trainer, theta0, progress)
-    population = build_population(cfg, loaded.tokenizer, clients, probe)
-    wire = WireSpec.from_config(cfg)
-    flora = cfg.lora.variant == "flora"
-    server = FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense,
-                             wire=wire, lora_aggregation=lora_aggregation(cfg),
-                             lora_alpha=cfg.lora.alpha, seed=cfg.seed)
-    uplink = UplinkEncoder(wire)  # client side: compression with each client's error-feedback memory
-    # FLoRA merges every round's update into the base weights: keep the originals, always merge W0 + ΔW (one
-    # rounding, the same whether the run went straight through or resumed).
-    base0 = {m: p.detach().to("cpu", copy=True) for m, p in slot.base_weights().items()} if flora else None
+    defense, attacker_probe = build_defense(cfg, resident, progress)
+    server = build_server(cfg, defense)
+    clients = clients_factory(cfg, resident, attacker_probe)
     from fedguard.evaluation.evaluator import Evaluator
 
-    evaluator = Evaluator(loaded, peft_model, slot, trainer.loss, eval_data, cfg.eval, cfg.data.system_prompt)
+    evaluator = Evaluator(loaded, resident.peft_model, resident.slot, resident.trainer.loss, eval_data, cfg.eval,
+                          cfg.data.system_prompt)
     log.info("run directory: %s", run_dir)
-    log.info("%d clients with %s examples; %d rounds of %d clients; base %s (%s)",
-             len(clients), [len(c) for c in clients], cfg.federation.rounds, cfg.federation.clients_per_round,
-             loaded.path, str(loaded.compute_dtype).removeprefix("torch."))
+    log.info("%d clients, %d rounds of %d; base %s (%s)", cfg.federation.num_clients, cfg.federation.rounds,
+             cfg.federation.clients_per_round, loaded.path, str(loaded.compute_dtype).removeprefix("torch."))
 
-    metrics_path = run_dir / METRICS_FILE
-    records = read_ndjson(metrics_path)
-    checkpoints = list_checkpoints(run_dir) if resume else []
-    if checkpoints:
-        ckpt = load_checkpoint(checkpoints[-1])
-        if set(ckpt.global_adapter) != set(theta0):
-            raise ValueError(f"{ckpt.path}: adapter keys do not match this model and LoRA config")
-        global_adapter, state = ckpt.global_adapter, ckpt.server_state
-        server.restore(state)
-        trainer.client_optimizer_states = ckpt.client_optimizer_states
-        uplink.load_state_dict(ckpt.client_feedback)
-        if flora:
-            _merge_into_base(slot, base0, state)
-        start = ckpt.round + 1
-        records = [r for r in records if r.get("round", 0) <= ckpt.round]
-        log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
-    else:
-        global_adapter, state, start = theta0, ServerState(), 1
-        records = [r for r in records if r.get("round") == 0]
-    writer = NdjsonWriter.resume(metrics_path, records)
-
+    start, global_adapter, state, client_states, records = _start_or_resume(cfg, run_dir, resume, resident, server)
+    clients.load_state_dict(client_states)
+    writer = NdjsonWriter.resume(run_dir / METRICS_FILE, records)
     if not any(r.get("round") == 0 for r in records):
         progress.status("evaluating the base model (round 0)")
         # before any round the weights are exactly the files on disk plus theta0: runs of a sweep share this
@@ -192,76 +205,23 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         records.append(record)
 
     total_rounds = cfg.federation.rounds
-    steps_per_client = cfg.train.local_steps
     for server_round in range(start, total_rounds + 1):
         t_round = time.perf_counter()
-        rc = round_config(cfg, server_round)
-        sampled = sample_clients(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed, server_round)
-        progress.start_round(server_round, len(sampled) * steps_per_client)
-        updates, messages, send_failed = [], [], {}
+        instructions = server.configure(server_round, global_adapter, state)
+        progress.start_round(server_round, len(instructions) * cfg.train.local_steps)
         # what each sampled client fetches before training (FLoRA: the stacks it has not merged yet)
-        down = {str(cid): server.downlink_nbytes(global_adapter, state, str(cid)) for cid in sampled}
-        for k, cid in enumerate(sampled):
-            progress.status(f"round {server_round}/{total_rounds} · client {cid} ({k + 1}/{len(sampled)})")
-            rc_client = server.client_config(rc, str(cid))
-            start, rank, scaling = global_adapter, None, None
-            if flora:  # a fresh adapter of the client's own rank each round, run at alpha / r_k
-                rank = (cfg.lora.client_ranks or [cfg.lora.r] * cfg.federation.num_clients)[cid]
-                fresh = reinit_adapter(slot.shapes(), rank, derive_seed(cfg.seed, "flora-reinit", server_round, cid))
-                start, scaling = embed_rank(fresh, cfg.lora.r), lora_scaling(cfg.lora.alpha, rank)
-            with slot.scaled(scaling):
-                if cid in population.attackers:  # simulation side: the attacker shapes what it sends
-                    update = population.attackers[cid].run(trainer, start, rc_client, clients[cid],
-                                                           population.benign_data.get(cid), theta0)
-                else:
-                    update = trainer.train(start, rc_client, clients[cid], on_step=progress.step, theta0=theta0)
-            updates.append(update)
-            try:  # the transport boundary: compression is the last thing a client does
-                messages.append(uplink.encode(update, start, rank=rank))
-            except ValueError as exc:
-                send_failed[update.client_id] = f"encode_failed: {exc}"
-                log.warning("round %d: client %s could not encode its update (%s)", server_round, cid, exc)
+        down = {cid: server.downlink_nbytes(global_adapter, state, cid) for cid in instructions}
+        replies = clients.exchange(server_round, instructions, progress)
         train_seconds = time.perf_counter() - t_round
-        outcome = server.aggregate_round(server_round, global_adapter, messages, state,
-                                         sent_to=[str(c) for c in sampled])
+        outcome = server.aggregate_round(server_round, global_adapter, replies.messages, state,
+                                         sent_to=list(instructions))
         global_adapter, state = outcome.global_adapter, outcome.state
-        if flora:  # every client merges the stacked adapter; on one resident model that is one merge
-            _merge_into_base(slot, base0, state)
-        traffic = {u.client_id: {"up": 0, "up_header": 0, "down": down[u.client_id], "defense": 0} for u in updates}
-        for m in messages:
-            traffic[m.client_id].update(up=uplink_nbytes(m), up_header=uplink_header_nbytes(m),
-                                        defense=attachment_nbytes(m))
-        record: dict[str, Any] = {
-            "round": server_round,
-            "lr": rc.lr,
-            "sampled": sampled,
-            "accepted": outcome.accepted,
-            "rejected": {**send_failed, **outcome.rejected},
-            "clients": {u.client_id: u.metrics for u in updates},
-            "train_loss": statistics.fmean(u.metrics["train_loss"] for u in updates),
-            "train_seconds": train_seconds,
-            # bytes on the wire: uplink = what clients sent for aggregation (payload or tensors; up_header of
-            # it is safetensors header), downlink = the global tensors each client received, defense =
-            # snapshots a defense asked for
-            "communication": traffic,
-            "bytes_up": sum(t["up"] for t in traffic.values()),
-            "bytes_up_mean": statistics.fmean(t["up"] for t in traffic.values()),
-            "bytes_down": sum(t["down"] for t in traffic.values()),
-            "bytes_down_mean": statistics.fmean(t["down"] for t in traffic.values()),
-            "bytes_defense": sum(t["defense"] for t in traffic.values()),
-            # ground truth, from the simulation's metadata; used for metrics only
-            "malicious_sampled": [c for c in sampled if population.is_malicious(c)],
-        }
-        if outcome.lora_aggregation is not None:
-            record["lora_aggregation"] = outcome.lora_aggregation
-        if defense is not None:
-            record["defense"] = {"skipped": outcome.skipped, "verdicts": [v.to_json() for v in outcome.verdicts],
-                                 "detection": detection_summary(outcome.verdicts, population)}
-            if defense.audit_seconds is not None:
-                record["defense"]["audit_seconds"] = defense.audit_seconds
-        if outcome.screening is not None:  # what the aggregation rule itself let count
-            record["screening"] = {"kept": outcome.screening,
-                                   "detection": screening_summary(outcome.screening, population)}
+        if resident.merged_base is not None:  # FLoRA: the resident model evaluates W0 + ΔW
+            resident.merged_base.sync(flora_merged(state), state.round)
+        record = _round_record(server_round, instructions, outcome, replies, down, clients.population)
+        record["train_seconds"] = train_seconds
+        if defense is not None and defense.audit_seconds is not None:
+            record["defense"]["audit_seconds"] = defense.audit_seconds
         if _eval_due(cfg, server_round):
             progress.status(f"round {server_round}/{total_rounds} · evaluating")
             record["eval"] = evaluator.evaluate(global_adapter)
@@ -269,13 +229,13 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         writer.append(record)
         records.append(record)
         log.info("round %d/%d: train loss %.4f, lr %.2e, %d accepted, %d rejected, %.1fs",
-                 server_round, total_rounds, record["train_loss"], rc.lr, len(outcome.accepted),
-                 len(outcome.rejected), record["round_seconds"])
+                 server_round, total_rounds, record["train_loss"], record["lr"], len(outcome.accepted),
+                 len(record["rejected"]), record["round_seconds"])
         if "eval" in record:
             _log_eval(server_round, record["eval"])
         if _checkpoint_due(cfg, server_round):
-            save_checkpoint(run_dir, server_round, slot, global_adapter, state, trainer.client_optimizer_states,
-                            loaded.path, cfg.checkpoint.keep_last, client_feedback=uplink.state_dict())
+            save_checkpoint(run_dir, server_round, resident.slot, global_adapter, state, clients.state_dict(),
+                            loaded.path, cfg.checkpoint.keep_last)
         progress.end_round()
         if stop_after_round is not None and server_round == stop_after_round:
             # Simulates a crash: no clean-up, no final artifacts (used to test resume).
@@ -284,8 +244,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
                 h.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    export_peft_adapter(slot, global_adapter, run_dir / "final_adapter", loaded.path)
-    if flora:  # FLoRA's result lives in the base weights: W = W_base + ΔW per module
+    export_peft_adapter(resident.slot, global_adapter, run_dir / "final_adapter", loaded.path)
+    if cfg.lora.variant == "flora":  # FLoRA's result lives in the base weights: W = W_base + ΔW per module
         save_tensors(run_dir / FLORA_DELTA_FILE,
                      {base_layer_key(m): d.float() for m, d in flora_merged(state).items()})
     final = _final_metrics(cfg, records, time.perf_counter() - t_start, loaded)
@@ -297,106 +257,66 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
     return RunResult(run_dir, final, report)
 
 
-def lora_aggregation(cfg: ExperimentConfig) -> str:
-    """How the server combines adapters: FLoRA's stacking for lora.variant flora, else server.lora_aggregation."""
-    return "flora" if cfg.lora.variant == "flora" else cfg.server.lora_aggregation
+def _start_or_resume(cfg: ExperimentConfig, run_dir: Path, resume: bool, resident: Resident, server):
+    """(first round, global adapter, server state, client states, metric records so far): from the last
+    checkpoint when resuming, else from θ₀."""
+    records = read_ndjson(run_dir / METRICS_FILE)
+    checkpoints = list_checkpoints(run_dir) if resume else []
+    if not checkpoints:
+        return 1, resident.theta0, ServerState(), {}, [r for r in records if r.get("round") == 0]
+    ckpt = load_checkpoint(checkpoints[-1])
+    if set(ckpt.global_adapter) != set(resident.theta0):
+        raise ValueError(f"{ckpt.path}: adapter keys do not match this model and LoRA config")
+    wire = server.wire
+    if any(s.residual for s in ckpt.client_states.values()) and not (wire.compressed and wire.error_feedback):
+        raise ValueError("the checkpoint holds error-feedback memory but this run keeps none "
+                         "(communication.compression / error_feedback changed?)")
+    server.restore(ckpt.server_state)
+    if resident.merged_base is not None:
+        resident.merged_base.sync(flora_merged(ckpt.server_state), ckpt.round)
+    log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
+    return (ckpt.round + 1, ckpt.global_adapter, ckpt.server_state, ckpt.client_states,
+            [r for r in records if r.get("round", 0) <= ckpt.round])
 
 
-def _merge_into_base(slot, base0: dict[str, Any], state: ServerState) -> None:
-    """Set every LoRA module's base weight to W0 + ΔW (FLoRA's merged update so far)."""
-    merged = merge_delta(base0, flora_merged(state))
-    with torch.no_grad():
-        for m, p in slot.base_weights().items():
-            p.copy_(merged.get(m, base0[m]))
-
-
-def round_config(cfg: ExperimentConfig, server_round: int) -> RoundConfig:
-    """What the server tells every client of ``server_round`` before the aggregator and defense add theirs."""
-    t = cfg.train
-    return RoundConfig(server_round=server_round, lr=round_lr(t, server_round, cfg.federation.rounds),
-                       local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=cfg.seed,
-                       weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
-
-
-def needs_probe(cfg: ExperimentConfig) -> bool:
-    """The server's defense needs a probe, or a probe-aware attacker borrows the server's."""
-    return split_level(cfg.defense.level)[0] is not None or (
-        cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients > 0
-        and not cfg.attack.probe)
-
-
-def _probe_dir(cfg: ExperimentConfig, loaded, trainer, theta0, progress=None) -> tuple[Path, dict[str, Any]]:
-    """Where the run's probe is, building and caching it first for ``defense.probe: auto``."""
-    from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
-
-    compat = probe_compat(cfg, loaded, {k: tuple(v.shape) for k, v in theta0.items()})
-    if cfg.defense.probe != "auto":
-        return Path(cfg.defense.probe), compat
-    probe_dir = default_probe_dir(compat, cfg)
-    if not (probe_dir / "probe.json").is_file():
-        if progress is not None:
-            progress.status("building the LoRA-Probe (cached for later runs)")
-        log.info("no cached probe matches this model and LoRA config; building one in %s", probe_dir)
-        build_probe(cfg, loaded, trainer, theta0, probe_dir)
-    return probe_dir, compat
-
-
-def ensure_probe(cfg: ExperimentConfig) -> Path | None:
-    """Build (or find) the probe a run of ``cfg`` will use, without running it; None if it needs none."""
-    if not needs_probe(cfg):
-        return None
-    loaded = load_base_model(cfg.model)
-    peft_model, slot = attach_lora(loaded.model, cfg.lora)
-    theta0 = slot.read()
-    trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
-    return _probe_dir(cfg, loaded, trainer, theta0)[0]
-
-
-def build_defense(cfg: ExperimentConfig, loaded, trainer, theta0, progress):
-    """The defense of ``cfg.defense`` (None for level 'none'), and the probe simulated attackers know:
-    ``attack.probe`` when given, else the server's (loaded, or built and cached, when a probe-aware
-    attacker needs it even without a defense)."""
-    from fedguard.defenses.defense import Defense, ProbeDefense
-    from fedguard.defenses.probe import LoRAProbe
-
-    server_probe, probe_dir = None, None
-    if needs_probe(cfg):
-        probe_dir, compat = _probe_dir(cfg, loaded, trainer, theta0, progress)
-        server_probe = LoRAProbe.load(probe_dir, expect=compat)
-    attacker_probe = LoRAProbe.load(cfg.attack.probe) if cfg.attack.probe else server_probe
-    probe_level, audit = split_level(cfg.defense.level)
-    if probe_level is None and not audit:
-        return None, attacker_probe
-    probe_defense = None
-    if probe_level is not None:
-        probe_defense = ProbeDefense(cfg.defense, server_probe, theta0, cfg.train.local_steps,
-                                     cfg.train.batch_size * cfg.train.grad_accum, cfg.train.lr)
-        log.info("defense: %s level, probe %s (held-out AUROC %s, tau %.4f)", probe_level, probe_dir,
-                 server_probe.metrics.get("auroc"), probe_defense.threshold)
-    behaviour = build_audit(cfg, loaded, trainer) if audit else None
-    return Defense(cfg.defense, probe_defense, behaviour), attacker_probe
-
-
-def build_audit(cfg: ExperimentConfig, loaded, trainer):
-    """The behaviour audit with the server's private prompts: the defender's probe split of its own sources."""
-    from fedguard.data.federation import DataTokenizer, sample_examples
-    from fedguard.data.readers import load_source
-    from fedguard.defenses.audit import BehaviourAudit
-
-    a = cfg.defense.audit
-    seed = cfg.seed + a.seed + 9_000_011
-    tok = DataTokenizer(loaded.tokenizer, cfg)
-    rng = numpy_rng(seed, "audit-prompts")
-    harmful = sample_examples(load_source(a.harmful_source, "probe", a.harmful_examples, seed), a.harmful_examples,
-                              rng, "defense.audit.harmful_source")
-    benign = []
-    if a.benign_examples:
-        benign = sample_examples(load_source(a.benign_source, "probe", a.benign_examples, seed), a.benign_examples,
-                                 rng, "defense.audit.benign_source")
-    log.info("defense: behaviour audit on %d refusal and %d benign examples of the server's own", len(harmful),
-             len(benign))
-    return BehaviourAudit(a, trainer.slot, trainer.loss, tok(harmful), tok(benign), loaded.tokenizer.pad_token_id,
-                          cfg.eval.batch_size)
+def _round_record(server_round: int, instructions: dict[str, Instructions], outcome, replies: Replies,
+                  down: dict[str, int], population) -> dict[str, Any]:
+    """One round's line of metrics.ndjson."""
+    sampled = [int(c) for c in instructions]
+    metrics = replies.metrics
+    traffic = {cid: {"up": 0, "up_header": 0, "down": down[cid], "defense": 0} for cid in metrics}
+    for m in replies.messages:
+        traffic[m.client_id].update(up=uplink_nbytes(m), up_header=uplink_header_nbytes(m),
+                                    defense=attachment_nbytes(m))
+    record: dict[str, Any] = {
+        "round": server_round,
+        "lr": next(iter(instructions.values())).config.lr,
+        "sampled": sampled,
+        "accepted": outcome.accepted,
+        "rejected": {**replies.failed, **outcome.rejected},
+        "clients": metrics,
+        "train_loss": statistics.fmean(m["train_loss"] for m in metrics.values()),
+        # bytes on the wire: uplink = what clients sent for aggregation (payload or tensors; up_header of
+        # it is safetensors header), downlink = the global tensors each client received, defense =
+        # snapshots a defense asked for
+        "communication": traffic,
+        "bytes_up": sum(t["up"] for t in traffic.values()),
+        "bytes_up_mean": statistics.fmean(t["up"] for t in traffic.values()),
+        "bytes_down": sum(t["down"] for t in traffic.values()),
+        "bytes_down_mean": statistics.fmean(t["down"] for t in traffic.values()),
+        "bytes_defense": sum(t["defense"] for t in traffic.values()),
+        # ground truth, from the simulation's metadata; used for metrics only
+        "malicious_sampled": [c for c in sampled if population.is_malicious(c)],
+    }
+    if outcome.lora_aggregation is not None:
+        record["lora_aggregation"] = outcome.lora_aggregation
+    if outcome.defended:
+        record["defense"] = {"skipped": outcome.skipped, "verdicts": [v.to_json() for v in outcome.verdicts],
+                             "detection": detection_summary(outcome.verdicts, population)}
+    if outcome.screening is not None:  # what the aggregation rule itself let count
+        record["screening"] = {"kept": outcome.screening,
+                               "detection": screening_summary(outcome.screening, population)}
+    return record
 
 
 def detection_summary(verdicts, population) -> dict[str, Any]:

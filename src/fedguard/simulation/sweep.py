@@ -134,7 +134,7 @@ def _run_parallel(todo: list[tuple[ExperimentConfig, Path]], jobs: int, quiet: b
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    from fedguard.simulation.runner import ensure_probe, needs_probe
+    from fedguard.factories import ensure_probe, needs_probe
 
     # Cells differ only in attack, ratio, level and aggregator, none of which the probe depends on, so
     # they share one probe: build it once, here,

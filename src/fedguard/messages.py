@@ -1,4 +1,13 @@
-"""Messages between the roles. Plain data: tensors, numbers and strings only."""
+"""Messages between the roles. Plain data: tensors, numbers and strings only.
+
+The bottom of the import graph (it imports torch and ``fedguard.model.keys``, nothing else of fedguard), so
+the server, the client, the aggregation rules, the defenses and both engines (embedded, Flower) share one
+definition of what crosses the wire:
+
+* ``Instructions``: server -> one client, at the start of a round (``FederatedServer.configure``);
+* ``ClientUpdate``: client -> server, at the end of it (``Client.run``);
+* ``ServerState``: what the server carries from round to round (checkpointed whole).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,9 @@ from typing import Any
 
 import torch
 
-AdapterState = dict[str, torch.Tensor]
+from fedguard.model.keys import AdapterState
+
+__all__ = ["AdapterState", "ClientUpdate", "Instructions", "RoundConfig", "ServerState"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,25 @@ class RoundConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundConfig:
         return cls(**{**d, "snapshot_keys": tuple(d.get("snapshot_keys", ()))})
+
+
+@dataclass
+class Instructions:
+    """What one sampled client receives at the start of a round: how to train (``config``) and the
+    downlink, the tensors it starts from.
+
+    ``global_adapter``: the round-start global adapter (under FFA-LoRA the client still needs the frozen A).
+    FLoRA: the global adapter is not trained from; the client re-initialises an adapter of its own rank
+    (seeded by ``config.seed``, the round and its id) and first brings its base weights to
+    ``W0 + flora_delta``, the merged update of every round so far (``flora_round``: the last round in it, so
+    a process that already merged it skips the work).
+    """
+
+    client_id: str
+    config: RoundConfig
+    global_adapter: AdapterState
+    flora_delta: dict[str, torch.Tensor] | None = None
+    flora_round: int = 0
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""Config -> role objects, in one place: the resident model, the server, the client, the defense.
+
+Both engines (the embedded simulation and Flower's ServerApp / ClientApp) build their parts here, so a
+config means the same federation whichever engine runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedguard.config import ExperimentConfig, split_level
+from fedguard.federated.aggregation import build_aggregator
+from fedguard.federated.client import Client, LocalTrainer, MergedBase
+from fedguard.federated.sampling import RoundPlan
+from fedguard.federated.server import FederatedServer
+from fedguard.federated.transport import WireSpec
+from fedguard.messages import AdapterState
+from fedguard.model.loading import LoadedModel, load_base_model
+from fedguard.model.lora import AdapterSlot, attach_lora
+from fedguard.seeding import numpy_rng
+
+log = logging.getLogger("fedguard")
+
+
+@dataclass
+class Resident:
+    """The base model, loaded once per process, with LoRA attached and one trainer on it."""
+
+    loaded: LoadedModel
+    peft_model: Any
+    slot: AdapterSlot
+    theta0: AdapterState  # the fixed initial adapter, the same in every process (seeded by lora.init_seed)
+    trainer: LocalTrainer
+    merged_base: MergedBase | None = None  # FLoRA: the base weights hold W0 + the server's merged update
+
+
+def load_resident(cfg: ExperimentConfig) -> Resident:
+    loaded = load_base_model(cfg.model)
+    peft_model, slot = attach_lora(loaded.model, cfg.lora)
+    trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
+    merged = MergedBase(slot) if cfg.lora.variant == "flora" else None
+    return Resident(loaded, peft_model, slot, slot.read(), trainer, merged)
+
+
+def lora_aggregation(cfg: ExperimentConfig) -> str:
+    """How the server combines adapters: FLoRA's stacking for lora.variant flora, else server.lora_aggregation."""
+    return "flora" if cfg.lora.variant == "flora" else cfg.server.lora_aggregation
+
+
+def build_server(cfg: ExperimentConfig, defense=None) -> FederatedServer:
+    return FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense,
+                           wire=WireSpec.from_config(cfg), lora_aggregation=lora_aggregation(cfg),
+                           lora_alpha=cfg.lora.alpha, seed=cfg.seed, plan=RoundPlan.from_config(cfg))
+
+
+def build_client(cfg: ExperimentConfig, resident: Resident) -> Client:
+    ranks = cfg.lora.client_ranks or [cfg.lora.r] * cfg.federation.num_clients
+    return Client(resident.trainer, WireSpec.from_config(cfg), resident.theta0, merged_base=resident.merged_base,
+                  lora_alpha=cfg.lora.alpha, rank_of=lambda cid: ranks[int(cid)])
+
+
+# -- the defense -------------------------------------------------------------------------------------------
+def needs_probe(cfg: ExperimentConfig) -> bool:
+    """The server's defense needs a probe, or a probe-aware attacker borrows the server's."""
+    return split_level(cfg.defense.level)[0] is not None or (
+        cfg.attack.kind in ("probe_aware", "probe_projection") and cfg.attack.malicious_clients > 0
+        and not cfg.attack.probe)
+
+
+def probe_dir(cfg: ExperimentConfig, resident: Resident, progress=None) -> tuple[Path, dict[str, Any]]:
+    """Where the run's probe is, building and caching it first for ``defense.probe: auto``."""
+    from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
+
+    compat = probe_compat(cfg, resident.loaded, {k: tuple(v.shape) for k, v in resident.theta0.items()})
+    if cfg.defense.probe != "auto":
+        return Path(cfg.defense.probe), compat
+    path = default_probe_dir(compat, cfg)
+    if not (path / "probe.json").is_file():
+        if progress is not None:
+            progress.status("building the LoRA-Probe (cached for later runs)")
+        log.info("no cached probe matches this model and LoRA config; building one in %s", path)
+        build_probe(cfg, resident.loaded, resident.trainer, resident.theta0, path)
+    return path, compat
+
+
+def ensure_probe(cfg: ExperimentConfig) -> Path | None:
+    """Build (or find) the probe a run of ``cfg`` will use, without running it; None if it needs none."""
+    if not needs_probe(cfg):
+        return None
+    return probe_dir(cfg, load_resident(cfg))[0]
+
+
+def build_defense(cfg: ExperimentConfig, resident: Resident, progress=None):
+    """The defense of ``cfg.defense`` (None for level 'none'), and the probe simulated attackers know:
+    ``attack.probe`` when given, else the server's (loaded, or built and cached, when a probe-aware
+    attacker needs it even without a defense)."""
+    from fedguard.defenses.defense import Defense, ProbeDefense
+    from fedguard.defenses.probe import LoRAProbe
+
+    server_probe, path = None, None
+    if needs_probe(cfg):
+        path, compat = probe_dir(cfg, resident, progress)
+        server_probe = LoRAProbe.load(path, expect=compat)
+    attacker_probe = LoRAProbe.load(cfg.attack.probe) if cfg.attack.probe else server_probe
+    probe_level, audit = split_level(cfg.defense.level)
+    if probe_level is None and not audit:
+        return None, attacker_probe
+    probe_defense = None
+    if probe_level is not None:
+        probe_defense = ProbeDefense(cfg.defense, server_probe, resident.theta0, cfg.train.local_steps,
+                                     cfg.train.batch_size * cfg.train.grad_accum, cfg.train.lr)
+        log.info("defense: %s level, probe %s (held-out AUROC %s, tau %.4f)", probe_level, path,
+                 server_probe.metrics.get("auroc"), probe_defense.threshold)
+    behaviour = build_audit(cfg, resident) if audit else None
+    return Defense(cfg.defense, probe_defense, behaviour), attacker_probe
+
+
+def build_audit(cfg: ExperimentConfig, resident: Resident):
+    """The behaviour audit with the server's private prompts: the defender's probe split of its own sources."""
+    from fedguard.data.federation import DataTokenizer, sample_examples
+    from fedguard.data.readers import load_source
+    from fedguard.defenses.audit import BehaviourAudit
+
+    a, loaded = cfg.defense.audit, resident.loaded
+    seed = cfg.seed + a.seed + 9_000_011
+    tok = DataTokenizer(loaded.tokenizer, cfg)
+    rng = numpy_rng(seed, "audit-prompts")
+    harmful = sample_examples(load_source(a.harmful_source, "probe", a.harmful_examples, seed), a.harmful_examples,
+                              rng, "defense.audit.harmful_source")
+    benign = []
+    if a.benign_examples:
+        benign = sample_examples(load_source(a.benign_source, "probe", a.benign_examples, seed), a.benign_examples,
+                                 rng, "defense.audit.benign_source")
+    log.info("defense: behaviour audit on %d refusal and %d benign examples of the server's own", len(harmful),
+             len(benign))
+    return BehaviourAudit(a, resident.slot, resident.trainer.loss, tok(harmful), tok(benign),
+                          loaded.tokenizer.pad_token_id, cfg.eval.batch_size)
