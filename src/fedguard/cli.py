@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config field by its dotted name, e.g. --set train.lr=1e-4 (repeatable)")
     run.add_argument("--run-dir", type=Path, default=None, help="write here instead of OUTPUT_DIR/NAME-TIMESTAMP")
     run.add_argument("--quiet", action="store_true", help="no progress bars or console logs (run.log still written)")
+    run.add_argument("--engine", choices=("embedded", "flower-sim"), default="embedded",
+                     help="embedded: every client in this process (default); flower-sim: Flower's ServerApp and "
+                          "ClientApp through Flower's simulation runtime (Ray), the same result for the same config")
     run.add_argument("--stop-after-round", type=int, default=None, help=argparse.SUPPRESS)
 
     res = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",
@@ -127,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             from fedguard.simulation.runner import run_experiment
 
             cfg = load_config(args.config, args.overrides)
-            result = run_experiment(cfg, args.run_dir, stop_after_round=args.stop_after_round, quiet=args.quiet)
+            if args.engine == "flower-sim":
+                if args.stop_after_round is not None:
+                    raise ConfigError("--stop-after-round is for the embedded engine")
+                from fedguard.flower.simulation import run_flower_simulation
+
+                result = run_flower_simulation(cfg, args.run_dir)
+            else:
+                result = run_experiment(cfg, args.run_dir, stop_after_round=args.stop_after_round, quiet=args.quiet)
             print(f"report: {result.report}")
             print(f"run directory: {result.run_dir}")
             return 0

@@ -131,6 +131,11 @@ class FederationConfig(_Section):
     num_clients: int = Field(default=10, ge=1)
     clients_per_round: int = Field(default=5, ge=1)
     rounds: int = Field(default=3, ge=1)
+    # Networked engines (Flower): how long a round waits for replies (None: until every sampled node answers
+    # or fails), how many nodes must have joined before round 1, and how long to wait for them.
+    round_timeout: float | None = Field(default=None, gt=0)
+    min_nodes: int | None = Field(default=None, ge=1, description="default: num_clients")
+    node_wait: float = Field(default=300.0, gt=0)
 
 
 class TrainConfig(_Section):

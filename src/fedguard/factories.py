@@ -93,6 +93,18 @@ def ensure_probe(cfg: ExperimentConfig) -> Path | None:
     return probe_dir(cfg, load_resident(cfg))[0]
 
 
+def attacker_probe(cfg: ExperimentConfig, resident: Resident):
+    """The probe a simulated probe-aware attacker knows (``attack.probe``, else the server's); None for others."""
+    from fedguard.defenses.probe import LoRAProbe
+
+    if cfg.attack.kind not in ("probe_aware", "probe_projection") or not cfg.attack.malicious_clients:
+        return None
+    if cfg.attack.probe:
+        return LoRAProbe.load(cfg.attack.probe)
+    path, compat = probe_dir(cfg, resident)
+    return LoRAProbe.load(path, expect=compat)
+
+
 def build_defense(cfg: ExperimentConfig, resident: Resident, progress=None):
     """The defense of ``cfg.defense`` (None for level 'none'), and the probe simulated attackers know:
     ``attack.probe`` when given, else the server's (loaded, or built and cached, when a probe-aware

@@ -112,6 +112,8 @@ class Replies:
     messages: list[ClientUpdate]  # what arrived, for the server to judge
     metrics: dict[str, dict[str, float]]  # client id -> its training metrics (clients that trained)
     failed: dict[str, str] = field(default_factory=dict)  # client id -> why its message never arrived
+    # networked engines: bytes the transport itself carried per client ({"down": n, "up": n}, whole messages)
+    transport: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class EmbeddedClients:
@@ -228,8 +230,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         record["round_seconds"] = time.perf_counter() - t_round
         writer.append(record)
         records.append(record)
-        log.info("round %d/%d: train loss %.4f, lr %.2e, %d accepted, %d rejected, %.1fs",
-                 server_round, total_rounds, record["train_loss"], record["lr"], len(outcome.accepted),
+        log.info("round %d/%d: train loss %s, lr %.2e, %d accepted, %d rejected, %.1fs", server_round, total_rounds,
+                 "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}", record["lr"],
+                 len(outcome.accepted),
                  len(record["rejected"]), record["round_seconds"])
         if "eval" in record:
             _log_eval(server_round, record["eval"])
@@ -295,19 +298,21 @@ def _round_record(server_round: int, instructions: dict[str, Instructions], outc
         "accepted": outcome.accepted,
         "rejected": {**replies.failed, **outcome.rejected},
         "clients": metrics,
-        "train_loss": statistics.fmean(m["train_loss"] for m in metrics.values()),
+        "train_loss": _mean([m.get("train_loss") for m in metrics.values()]),
         # bytes on the wire: uplink = what clients sent for aggregation (payload or tensors; up_header of
         # it is safetensors header), downlink = the global tensors each client received, defense =
         # snapshots a defense asked for
         "communication": traffic,
         "bytes_up": sum(t["up"] for t in traffic.values()),
-        "bytes_up_mean": statistics.fmean(t["up"] for t in traffic.values()),
+        "bytes_up_mean": _mean([t["up"] for t in traffic.values()]),
         "bytes_down": sum(t["down"] for t in traffic.values()),
-        "bytes_down_mean": statistics.fmean(t["down"] for t in traffic.values()),
+        "bytes_down_mean": _mean([t["down"] for t in traffic.values()]),
         "bytes_defense": sum(t["defense"] for t in traffic.values()),
         # ground truth, from the simulation's metadata; used for metrics only
         "malicious_sampled": [c for c in sampled if population.is_malicious(c)],
     }
+    if replies.transport:
+        record["transport_bytes"] = replies.transport
     if outcome.lora_aggregation is not None:
         record["lora_aggregation"] = outcome.lora_aggregation
     if outcome.defended:
@@ -317,6 +322,12 @@ def _round_record(server_round: int, instructions: dict[str, Instructions], outc
         record["screening"] = {"kept": outcome.screening,
                                "detection": screening_summary(outcome.screening, population)}
     return record
+
+
+def _mean(values: list) -> float | None:
+    """The mean of the numbers among ``values`` (None when there are none: a round nobody answered)."""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return statistics.fmean(numbers) if numbers else None
 
 
 def detection_summary(verdicts, population) -> dict[str, Any]:

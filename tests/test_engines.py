@@ -1,0 +1,108 @@
+"""The round as role objects, and the Flower engine that runs the same objects."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config
+from fedguard.io import load_tensors, read_ndjson
+
+
+def test_messages_sit_at_the_bottom_of_the_import_graph():
+    code = ("import sys, fedguard.messages; "
+            "print(sorted(m for m in sys.modules if m.startswith('fedguard')), 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['fedguard', 'fedguard.messages', 'fedguard.model', 'fedguard.model.keys'] False"
+
+
+def test_one_clients_data_equals_its_entry_among_everyones(tiny_loaded):
+    from fedguard.data.federation import build_client_data, build_one_client_data
+
+    tok = tiny_loaded[0].tokenizer
+    for cfg in (tiny_config(), tiny_config(data={"partition": {"method": "dirichlet", "alpha": 0.3}})):
+        everyone = build_client_data(cfg, tok)
+        for cid in (0, 3):
+            one = build_one_client_data(cfg, tok, cid)
+            assert one.client_id == cid and one.composition == everyone[cid].composition
+            assert [e.input_ids for e in one.examples] == [e.input_ids for e in everyone[cid].examples]
+    with pytest.raises(ValueError, match="not one of the federation's 4 clients"):
+        build_one_client_data(cfg, tok, 4)
+
+
+def test_client_state_round_trips_and_refuses_unknown_entries():
+    from fedguard.federated.client import ClientState
+
+    state = ClientState({"a::step": torch.tensor(3.0)}, {"b": torch.ones(2)})
+    back = ClientState.from_state_dict(state.state_dict())
+    assert torch.equal(back.optimizer["a::step"], torch.tensor(3.0)) and torch.equal(back.residual["b"], torch.ones(2))
+    with pytest.raises(ValueError, match="unknown entries"):
+        ClientState.from_state_dict({"weights/x": torch.ones(1)})
+
+
+def test_configure_tells_each_sampled_client_its_round_and_downlink():
+    from fedguard.factories import build_server
+    from fedguard.federated.sampling import sample_clients
+    from fedguard.messages import ServerState
+
+    cfg = tiny_config(defense={"level": "audit"})
+    server = build_server(cfg, None)
+    adapter = {"m.lora_A.weight": torch.zeros(4, 8), "m.lora_B.weight": torch.zeros(8, 4)}
+    ins = server.configure(2, adapter, ServerState(round=1))
+    assert list(ins) == [str(c) for c in sample_clients(4, 2, cfg.seed, 2)]
+    first = next(iter(ins.values()))
+    assert first.config.server_round == 2 and first.global_adapter is adapter and first.flora_delta is None
+
+
+def test_a_reply_that_is_not_an_update_is_refused_with_its_reason():
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fedguard.flower import records
+    from fedguard.messages import ClientUpdate
+
+    good = ClientUpdate("1", {"m.lora_B.weight": torch.ones(2, 2)}, 7, {"train_loss": 1.5})
+    back = records.update_from_reply(records.update_content(good), "1")
+    assert back.num_examples == 7 and torch.equal(back.tensors["m.lora_B.weight"], torch.ones(2, 2))
+    assert back.metrics == {"train_loss": 1.5}
+    # the client id is the roster's, whatever the content claims
+    assert records.update_from_reply(records.update_content(good), "3").client_id == "3"
+    with pytest.raises(ValueError, match="lacks the 'meta' record"):
+        records.update_from_reply(RecordDict({records.ARRAYS: ArrayRecord({})}), "1")
+    with pytest.raises(ValueError, match="num_examples"):
+        records.update_from_reply(RecordDict({records.ARRAYS: ArrayRecord({}),
+                                              records.META: ConfigRecord({"num_examples": "many"})}), "1")
+
+
+@pytest.mark.parametrize("sections", [
+    {"defense": {"level": "audit", "audit": {"harmful_examples": 4, "benign_examples": 4}}},
+    {"lora": {"variant": "flora", "client_ranks": [2, 4, 4, 2]}},
+    {"communication": {"compression": "topk", "topk_fraction": 0.1, "error_feedback": True},
+     "train": {"optimizer_state": "keep"}, "attack": {"kind": "scaling", "malicious_clients": 1}},
+], ids=["audit", "flora", "topk-feedback-keep-attack"])
+def test_flower_simulation_gives_the_embedded_result(tmp_path, sections):
+    """`fedguard run --engine flower-sim` (ServerApp + ClientApp on Ray, clients in another process) ends with
+    the same adapter and the same per-round records as the embedded engine."""
+    from fedguard.simulation.runner import run_experiment
+
+    cfg = tiny_config(federation={"rounds": 3}, **sections)
+    embedded = run_experiment(cfg, tmp_path / "embedded", quiet=True).run_dir
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    done = run_cli("run", str(path), "--engine", "flower-sim", "--run-dir", str(tmp_path / "flower"), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_tensors(embedded / "final_adapter" / "adapter_model.safetensors")
+    b = load_tensors(tmp_path / "flower" / "final_adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = read_ndjson(embedded / "metrics.ndjson"), read_ndjson(tmp_path / "flower" / "metrics.ndjson")
+    assert [r["round"] for r in rb] == [0, 1, 2, 3]
+    for x, y in zip(ra[1:], rb[1:]):
+        assert (x["sampled"], x["accepted"], x["rejected"]) == (y["sampled"], y["accepted"], y["rejected"])
+        assert x["train_loss"] == y["train_loss"] and x["clients"].keys() == y["clients"].keys()
+        assert set(y["transport_bytes"]) == {str(c) for c in y["sampled"]}
+        assert all(t["up"] > 0 and t["down"] > 0 for t in y["transport_bytes"].values())
+    if "flora" in str(sections):  # FLoRA's result is the merged update in the base weights
+        da = load_tensors(embedded / "final_merged_delta.safetensors")
+        db = load_tensors(tmp_path / "flower" / "final_merged_delta.safetensors")
+        assert da and set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+        assert any(float(d.abs().max()) > 0 for d in da.values())
