@@ -63,6 +63,12 @@ def killed_and_resumed(cfg, tmp_path, stop_after_round=2):
     assert not (killed / "final_adapter").exists()
     resumed = run_cli("resume", str(killed), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
+    # A resume that ignored the checkpoint and recomputed from round 1 would end identical; it would not
+    # train the rounds before the checkpoint only once (run.log is appended to by both processes).
+    log = (killed / "run.log").read_text(encoding="utf-8")
+    assert f"resuming after round {stop_after_round}" in log
+    for r in range(1, cfg.federation.rounds + 1):
+        assert log.count(f"round {r}/{cfg.federation.rounds}: train loss") == 1, f"round {r} trained twice"
     a = load_tensors(full / "final_adapter" / "adapter_model.safetensors")
     b = load_tensors(killed / "final_adapter" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)

@@ -242,6 +242,7 @@ class LasaConfig(_Section):
 class ServerConfig(_Section):
     aggregator: AggregatorName = "fedavg"
     max_update_mb: float = Field(default=64.0, gt=0, description="updates larger than this are rejected")
+    max_abs_value: float = Field(default=1e4, gt=0, description="updates with an entry beyond ± this are rejected")
     lora_aggregation: Literal["naive", "product"] = Field(
         default="naive", description="naive: the aggregator averages A and B separately; product: the exact "
                                      "weighted mean of the clients' B·A, re-factorised to rank r by truncated SVD "

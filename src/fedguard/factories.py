@@ -53,7 +53,8 @@ def lora_aggregation(cfg: ExperimentConfig) -> str:
 def build_server(cfg: ExperimentConfig, defense=None) -> FederatedServer:
     return FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense,
                            wire=WireSpec.from_config(cfg), lora_aggregation=lora_aggregation(cfg),
-                           lora_alpha=cfg.lora.alpha, seed=cfg.seed, plan=RoundPlan.from_config(cfg))
+                           lora_alpha=cfg.lora.alpha, seed=cfg.seed, plan=RoundPlan.from_config(cfg),
+                           max_abs_value=cfg.server.max_abs_value)
 
 
 def build_client(cfg: ExperimentConfig, resident: Resident) -> Client:

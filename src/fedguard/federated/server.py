@@ -24,8 +24,11 @@ How LoRA adapters are combined:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -58,6 +61,26 @@ FLORA_SYNCED = "flora_synced"
 FLORA_LEGACY_DOWNLINK = "flora_downlink_bytes"  # older checkpoints: the last stack, charged to every client
 
 
+REASON_CHARS = 300  # a rejection reason is cut to this: it never echoes a payload into the run's logs
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def display_id(client_id) -> str:
+    """How the run's logs name a client: its id when it is a short plain string, else a digest of what it
+    sent (``../../etc/passwd\n{...}`` never reaches a file name, a log line or a JSON key)."""
+    if isinstance(client_id, str) and _PLAIN_ID.fullmatch(client_id):
+        return client_id
+    try:
+        text = repr(client_id)
+    except Exception:  # noqa: BLE001 - an object whose repr fails is still named
+        text = type(client_id).__name__
+    return "invalid-id-" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def cap_reason(text: str) -> str:
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
+
+
 def flora_merged(state: ServerState) -> dict[str, torch.Tensor]:
     """FLoRA's merged update so far, ``{module: ΔW}`` (float64): what every client has added to its base."""
     return {k[len(FLORA_PREFIX):]: t for k, t in state.tensors.items() if k.startswith(FLORA_PREFIX)}
@@ -84,7 +107,7 @@ class RoundOutcome:
 class FederatedServer:
     def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None, *, wire: WireSpec | None = None,
                  lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0,
-                 plan: RoundPlan | None = None):
+                 plan: RoundPlan | None = None, max_abs_value: float = math.inf):
         """``wire``: what clients send (default: every tensor, uncompressed); ``lora_alpha``: LoRA's
         alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run
         seed (product averaging draws fresh A rows for directions the mean does not use); ``plan``: who
@@ -101,6 +124,7 @@ class FederatedServer:
         self.lora_alpha = float(lora_alpha)
         self.seed = int(seed)
         self.plan = plan
+        self.max_abs_value = float(max_abs_value)
 
     def configure(self, server_round: int, global_adapter: AdapterState, state: ServerState) -> dict[str, Instructions]:
         """The round's sampled clients and what each receives: its round config and the downlink (under
@@ -143,36 +167,19 @@ class FederatedServer:
         """Decode, validate, weigh and aggregate one round's updates. ``sent_to``: the clients the round's
         downlink went to (default: those whose messages arrived), which FLoRA counts as synced."""
         sent_global = self.wire.sent_view(global_adapter)
-        spec = UpdateSpec.from_adapter(sent_global, self.max_update_bytes)
-        accepted: list[ClientUpdate] = []
-        rejected: dict[str, str] = {}
-        seen: set[str] = set()
-        for u in updates:
-            cid = str(getattr(u, "client_id", "?"))
-            try:
-                if cid in seen:
-                    raise UpdateRejected("duplicate", "a second update from the same client in one round")
-                u = decode_update(u, global_adapter, self.wire, self.max_update_bytes)
-                validate_update(u, self._rank_spec(spec, u) if self.lora_aggregation == "flora" else spec)
-            except UpdateRejected as exc:
-                rejected[cid] = str(exc)
-                log.warning("round %d: rejected update from client %s (%s)", server_round, cid, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - whatever a client sends, the round goes on
-                rejected[cid] = f"malformed: {type(exc).__name__}: {exc}"
-                log.warning("round %d: rejected malformed update from client %s (%r)", server_round, cid, exc)
-                continue
-            seen.add(cid)
-            accepted.append(u)
+        spec = UpdateSpec.from_adapter(sent_global, self.max_update_bytes, self.max_abs_value, whole=global_adapter)
+        accepted, rejected = self._admit(server_round, global_adapter, updates, spec, sent_to)
         verdicts, weights, skipped, report, meta, screening = [], None, False, None, dict(state.meta), None
         if accepted and self.defense is not None:
             # The defense judges whole adapters: under FFA-LoRA the frozen A is filled in (its delta is 0).
             whole = [replace(u, tensors=self.wire.full_view(u.tensors, global_adapter)) for u in accepted]
-            judged = self.defense.weigh(server_round, global_adapter, whole)
-            verdicts, weights, skipped = judged.verdicts, judged.weights, judged.skip
-            if skipped:
-                log.warning("round %d: mean defense weight %.3f is below the skip threshold; global adapter kept",
-                            server_round, judged.mean_weight)
+            judged, judged_ids = self._weigh(server_round, global_adapter, whole, rejected)
+            accepted = [u for u in accepted if u.client_id in judged_ids]
+            if judged is not None:
+                verdicts, weights, skipped = judged.verdicts, judged.weights, judged.skip
+                if skipped:
+                    log.warning("round %d: mean defense weight %.3f is below the skip threshold; global adapter "
+                                "kept", server_round, judged.mean_weight)
         if accepted and not skipped and self.lora_aggregation == "product":
             new_global, report = self._product_average(server_round, global_adapter, accepted, weights)
         elif self.lora_aggregation == "flora":
@@ -199,6 +206,71 @@ class FederatedServer:
         new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
         return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped,
                             report, screening, defended=self.defense is not None)
+
+    def _admit(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
+               spec: UpdateSpec, sent_to: Sequence[str] | None) -> tuple[list[ClientUpdate], dict[str, str]]:
+        """Decode and validate each message. With ``sent_to`` (the round's roster) a message from any other
+        client is refused; a client that sends two messages in a round has neither counted (the server cannot
+        tell which one is its own), so no client is ever both accepted and rejected."""
+        roster = {str(c) for c in sent_to} if sent_to is not None else None
+        accepted: list[ClientUpdate] = []
+        rejected: dict[str, str] = {}
+        seen: set[str] = set()
+        duplicate = "duplicate: more than one message from this client in one round; none counts"
+        for u in updates:
+            raw = getattr(u, "client_id", None)
+            cid = display_id(raw)
+            try:
+                if roster is not None and (not isinstance(raw, str) or raw not in roster):
+                    raise UpdateRejected("unknown_client", "not a client this round's instructions went to")
+                if cid in seen:
+                    accepted = [a for a in accepted if a.client_id != cid]
+                    rejected[cid] = duplicate
+                    log.warning("round %d: client %s sent more than one message; none counts", server_round, cid)
+                    continue
+                seen.add(cid)
+                u = decode_update(u, global_adapter, self.wire, self.max_update_bytes)
+                validate_update(u, self._rank_spec(spec, u) if self.lora_aggregation == "flora" else spec)
+            except UpdateRejected as exc:
+                rejected.setdefault(cid, cap_reason(str(exc)))
+                log.warning("round %d: rejected update from client %s (%s)", server_round, cid, rejected[cid])
+                continue
+            except Exception as exc:  # noqa: BLE001 - whatever a client sends, the round goes on
+                rejected.setdefault(cid, cap_reason(f"malformed: {type(exc).__name__}: {exc}"))
+                log.warning("round %d: rejected malformed update from client %s (%s)", server_round, cid,
+                            rejected[cid])
+                continue
+            accepted.append(u)
+        return accepted, rejected
+
+    def _weigh(self, server_round: int, global_adapter: AdapterState, whole: list[ClientUpdate],
+               rejected: dict[str, str]):
+        """The defense's judgement of the round, and the clients it judged. Validation should leave the
+        defense nothing it cannot read; should it still fail, each update is tried alone (from the same
+        defense state) and those it cannot judge are rejected, so no message ends a round."""
+        saved = json.loads(json.dumps(self.defense.state_dict()))
+        try:
+            return self.defense.weigh(server_round, global_adapter, whole), {u.client_id for u in whole}
+        except Exception as exc:  # noqa: BLE001
+            log.error("round %d: the defense failed on this round's updates (%s); trying each alone", server_round,
+                      cap_reason(repr(exc)))
+        keep = []
+        for u in whole:
+            self.defense.load_state_dict(json.loads(json.dumps(saved)))
+            try:
+                self.defense.weigh(server_round, global_adapter, [u])
+                keep.append(u)
+            except Exception as exc:  # noqa: BLE001
+                rejected[u.client_id] = cap_reason(f"defense_error: {type(exc).__name__}: {exc}")
+        self.defense.load_state_dict(saved)
+        try:
+            return (self.defense.weigh(server_round, global_adapter, keep) if keep else None), \
+                {u.client_id for u in keep}
+        except Exception as exc:  # noqa: BLE001 - together they still fail: nothing of this round counts
+            self.defense.load_state_dict(saved)
+            for u in keep:
+                rejected[u.client_id] = cap_reason(f"defense_error: {type(exc).__name__}: {exc}")
+            return None, set()
 
     @staticmethod
     def _rank_spec(spec: UpdateSpec, update: ClientUpdate) -> UpdateSpec:

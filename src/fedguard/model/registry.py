@@ -109,6 +109,26 @@ def resolve_model_path(name_or_path: str) -> str:
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise ModelNotFoundError(f"model folder {p} has no config.json")
+            raise ModelNotFoundError(f"model.name_or_path: model folder {p} has no config.json")
         return str(p)
-    return name_or_path  # a hub id; transformers reports clearly if it cannot be fetched
+    if not _in_hub_cache(name_or_path):
+        raise ModelNotFoundError(
+            f"model.name_or_path: '{name_or_path}' is not a built-in model ({', '.join([*EMBEDDED_MODELS, TINY_MODEL])}),"
+            f" not an existing folder, and not a Hugging Face model in this machine's cache (there is no hub access "
+            f"at run time)")
+    return name_or_path  # a hub id already in the local Hugging Face cache
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether ``repo_id`` looks like a hub id (``org/name``) whose config is in the local Hugging Face cache."""
+    parts = repo_id.split("/")
+    if len(parts) > 2 or not all(parts) or repo_id.startswith((".", "~")):
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub library refuses is not in the cache
+        return False

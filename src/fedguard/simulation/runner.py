@@ -161,6 +161,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, resume: b
                    clients: ClientsFactory = EmbeddedClients) -> RunResult:
     """Run (or resume) an experiment in ``run_dir``; returns where the results are. ``clients``: the
     engine's client side (default: the embedded simulation)."""
+    from fedguard.model.registry import resolve_model_path
+
+    resolve_model_path(cfg.model.name_or_path)  # a model that is not there fails before a run folder exists
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
