@@ -12,8 +12,9 @@ before it is.
 import os
 
 # Flower's telemetry and Ray's usage statistics phone home; fedguard runs where data may not leave the site.
-OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_USAGE_STATS": "1",
-               "RAY_DEDUP_LOGS": "0"}
+# Flower's update check asks a web service for new versions from every CLI process.
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_DISABLE_USAGE_STATS": "1", "RAY_DEDUP_LOGS": "0"}
 
 
 def quiet_flower() -> None:

@@ -1,0 +1,124 @@
+"""Certificates and keys for a Flower deployment, made with ``cryptography`` (no openssl scripts).
+
+``make_credentials(out, nodes, hosts)`` writes:
+
+  ca.crt, ca.key                 the federation's certificate authority (keep ca.key offline)
+  server.pem, server.key         the SuperLink's TLS certificate (SANs: every host it is reached by)
+  nodes/node-K, nodes/node-K.pub each SuperNode's authentication key pair (EC P-384, OpenSSH format,
+                                 what flower-supernode --auth-supernode-private-key and node registration read)
+
+Private keys are written 0600. Only the public keys (and ca.crt) ever leave the site that made them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+VALID_DAYS = 365
+
+
+@dataclass(frozen=True)
+class Credentials:
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server.key"
+
+    def node_key(self, k: int) -> Path:
+        return self.root / "nodes" / f"node-{k}"
+
+    def node_public_key(self, k: int) -> Path:
+        return self.root / "nodes" / f"node-{k}.pub"
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _name(common_name: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedguard"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _san(hosts: list[str]):
+    from cryptography import x509
+
+    names = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_credentials(out: str | Path, nodes: int, hosts: list[str] | None = None) -> Credentials:
+    """A CA, the SuperLink's certificate for ``hosts`` (default localhost, 127.0.0.1) and ``nodes`` node keys."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    creds = Credentials(Path(out))
+    hosts = list(dict.fromkeys(hosts or ["localhost", "127.0.0.1"]))
+    now = dt.datetime.now(dt.timezone.utc)
+    pem = serialization.Encoding.PEM
+    pkcs8 = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
+                 encryption_algorithm=serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("fedguard federation CA")).issuer_name(_name("fedguard federation CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca.subject)
+              .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+              .add_extension(_san(hosts), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA384()))
+    _write(creds.ca_cert, ca.public_bytes(pem))
+    _write(creds.root / "ca.key", ca_key.private_bytes(**pkcs8), private=True)
+    _write(creds.server_cert, server.public_bytes(pem))
+    _write(creds.server_key, server_key.private_bytes(**pkcs8), private=True)
+    for k in range(nodes):
+        node_key(creds, k)
+    return creds
+
+
+def node_key(creds: Credentials, k: int) -> None:
+    """One SuperNode's authentication key pair (made at the node's site in a real deployment)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(creds.node_key(k), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                serialization.NoEncryption()), private=True)
+    _write(creds.node_public_key(k), key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                  serialization.PublicFormat.OpenSSH) + b"\n")
