@@ -113,12 +113,19 @@ def make_credentials(out: str | Path, nodes: int, hosts: list[str] | None = None
 
 
 def node_key(creds: Credentials, k: int) -> None:
-    """One SuperNode's authentication key pair (made at the node's site in a real deployment)."""
+    write_node_key(creds.node_key(k))
+
+
+def write_node_key(path: str | Path) -> Path:
+    """One SuperNode's authentication key pair: ``path`` (private, 0600) and ``path.pub``. Made at the node's
+    site in a real deployment; only the public key travels."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    path = Path(path)
     key = ec.generate_private_key(ec.SECP384R1())
-    _write(creds.node_key(k), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                serialization.NoEncryption()), private=True)
-    _write(creds.node_public_key(k), key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                  serialization.PublicFormat.OpenSSH) + b"\n")
+    _write(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                   serialization.NoEncryption()), private=True)
+    _write(path.with_name(path.name + ".pub"), key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return path

@@ -51,8 +51,10 @@ class FlowerClients:
                                f"{f.node_wait:.0f} s (federation.node_wait)")
         queries = [Message(RecordDict({records.META: ConfigRecord({})}), dst_node_id=n,
                            message_type=f"query.{records.QUERY_IDENTITY}") for n in nodes]
-        for reply in self.grid.send_and_receive(queries, timeout=f.node_wait):
-            node = reply.metadata.src_node_id
+        replies = list(self.grid.send_and_receive(queries, timeout=f.node_wait))
+        asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
+        for reply in replies:
+            node = _addressee(reply, asked)
             if reply.has_error():
                 log.warning("node %s did not say which client it is: %s", node, _reason(reply))
                 continue
@@ -90,14 +92,16 @@ class FlowerClients:
             outgoing.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round)))
             sent[node] = cid
         progress.status(f"round {server_round} · waiting for {len(outgoing)} nodes")
-        for reply in self.grid.send_and_receive(outgoing, timeout=self.cfg.federation.round_timeout):
-            cid = sent.get(reply.metadata.src_node_id)
+        answers = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.federation.round_timeout))
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing}
+        for reply in answers:
+            cid = sent.get(_addressee(reply, asked))
             if cid is None or cid in replies.metrics or cid in replies.failed:
                 log.warning("round %d: dropped a reply from node %s (not asked, or a second reply)", server_round,
                             reply.metadata.src_node_id)
                 continue
             if reply.has_error():
-                replies.failed[cid] = f"client_error: {_reason(reply)}"
+                replies.failed[cid] = f"node_error: {_reason(reply)}"
                 continue
             try:
                 update = records.update_from_reply(reply.content, cid)
@@ -129,6 +133,12 @@ class FlowerClients:
             log.warning("the checkpoint holds client state of an embedded run; Flower nodes keep their own")
 
 
+def _addressee(reply, asked: dict[str, int]) -> int:
+    """The node a reply answers for: the one its message was sent to. Flower's own error replies (a node that
+    stopped answering, code 5) come from the SuperLink, not the node, so the message id decides."""
+    return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def _reason(reply) -> str:
     """A node's error, cut to its last characters (a traceback's last line says what went wrong)."""
     err = reply.error
@@ -150,8 +160,8 @@ def server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = None,
     def main(grid, context) -> None:
         try:
             c = cfg if cfg is not None else config_from_context(context)
-            rd = run_dir if run_dir is not None else (Path(str(context.run_config["run-dir"]))
-                                                      if "run-dir" in context.run_config else None)
+            given = str(context.run_config.get("run-dir", "") or "").strip()  # "" in the app's defaults: unset
+            rd = run_dir if run_dir is not None else (Path(given) if given else None)
             result = run_experiment(c, rd, quiet=True,
                                     clients=lambda c2, resident, probe: FlowerClients(grid, c2, resident, probe))
             if outcome is not None:

@@ -21,12 +21,13 @@ def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
     fig.suptitle(title, fontsize=13, fontweight="bold")
 
     ax = axes[0]
-    if rounds:
-        xs = [r["round"] for r in rounds]
-        per_client = [[c["train_loss"] for c in r["clients"].values()] for r in rounds]
+    trained = [r for r in rounds if r.get("train_loss") is not None]  # a round nobody answered has no loss
+    if trained:
+        xs = [r["round"] for r in trained]
+        per_client = [[c["train_loss"] for c in r["clients"].values() if "train_loss" in c] for r in trained]
         ax.fill_between(xs, [min(v) for v in per_client], [max(v) for v in per_client], alpha=0.2,
                         color="tab:blue", label="client range")
-        ax.plot(xs, [r["train_loss"] for r in rounds], "o-", color="tab:blue", label="train loss (client mean)")
+        ax.plot(xs, [r["train_loss"] for r in trained], "o-", color="tab:blue", label="train loss (client mean)")
     ev_loss = [(r["round"], r["eval"]["eval_loss"]) for r in evals if "eval_loss" in r["eval"]]
     if ev_loss:
         ax.plot(*zip(*ev_loss), "s--", color="tab:orange", label="held-out loss")
@@ -262,7 +263,8 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
     for r in records:
         if r.get("round", 0) == 0:
             continue
-        lines.append(f"| {r['round']} | {r['lr']:.2e} | {', '.join(map(str, r['sampled']))} | {r['train_loss']:.4f} | "
+        lines.append(f"| {r['round']} | {r['lr']:.2e} | {', '.join(map(str, r['sampled']))} | "
+                     f"{'-' if r['train_loss'] is None else format(r['train_loss'], '.4f')} | "
                      f"{len(r['rejected'])} | {_kb(r.get('bytes_up_mean'))} | {_kb(r.get('bytes_down_mean'))} | "
                      f"{r['round_seconds']:.1f} |")
     rejected = [(r["round"], cid, why) for r in records for cid, why in r.get("rejected", {}).items()]

@@ -1,0 +1,1 @@
+"""A real Flower deployment of fedguard: credentials (certs.py) and the processes (launch.py)."""
