@@ -103,3 +103,23 @@ def test_a_node_without_the_ca_certificate_cannot_connect(deployment):
 
 def _text(path) -> str:
     return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def test_credentials_from_the_cli_verify_and_keep_private_keys_private(tmp_path):
+    import stat
+
+    from cryptography import x509
+
+    from conftest import run_cli
+
+    done = run_cli("deploy", "certs", str(tmp_path / "c"), "--nodes", "1", "--host", "fl.example.org")
+    assert done.returncode == 0, done.stderr
+    ca = x509.load_pem_x509_certificate((tmp_path / "c" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "c" / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"fl.example.org", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}  # the ServerApp's own link
+    for private in ("ca.key", "server.key", "nodes/node-0"):
+        assert stat.S_IMODE((tmp_path / "c" / private).stat().st_mode) == 0o600
+    assert (tmp_path / "c" / "nodes" / "node-0.pub").read_text().startswith("ecdsa-sha2-nistp384 ")

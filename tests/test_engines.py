@@ -64,7 +64,10 @@ def test_a_reply_that_is_not_an_update_is_refused_with_its_reason():
     good = ClientUpdate("1", {"m.lora_B.weight": torch.ones(2, 2)}, 7, {"train_loss": 1.5})
     back = records.update_from_reply(records.update_content(good), "1")
     assert back.num_examples == 7 and torch.equal(back.tensors["m.lora_B.weight"], torch.ones(2, 2))
-    assert back.metrics == {"train_loss": 1.5}
+    assert back.metrics == {"train_loss": 1.5} and back.payload is None
+    blob = bytes(range(256)) * 40_000  # 10 MB: more than one of Flower's 5 MiB chunks
+    packed = records.update_from_reply(records.update_content(ClientUpdate("1", {}, 7, payload=blob)), "1")
+    assert packed.payload == blob and packed.tensors == {}
     # the client id is the roster's, whatever the content claims
     assert records.update_from_reply(records.update_content(good), "3").client_id == "3"
     with pytest.raises(ValueError, match="lacks the 'meta' record"):
@@ -139,3 +142,39 @@ def test_a_checkpoint_restores_server_and_client_state_exactly(tmp_path):
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     fresh = _start_or_resume(cfg, run, False, resident, server)
     assert fresh[0] == 1 and fresh[2] == ServerState() and fresh[3] == {}
+
+
+def test_a_node_with_its_own_file_trains_on_that_file(tiny_loaded, tmp_path):
+    """`fedguard deploy supernode --data-path`: the node's data is its file, sampled from the config's seed."""
+    import json
+    from types import SimpleNamespace
+
+    from fedguard.flower.client_app import _node_data, client_id_of
+
+    path = tmp_path / "site.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "response": f"{2 * i}."}) + "\n"
+                            for i in range(40)))
+    cfg = tiny_config()
+    ctx = SimpleNamespace(node_config={"partition-id": 2, "data-path": str(path)})
+    assert client_id_of(ctx, cfg) == 2
+    data = _node_data(cfg, tiny_loaded[0].tokenizer, 2, ctx)
+    assert data.client_id == 2 and len(data) == cfg.data.examples_per_client
+    again = _node_data(cfg, tiny_loaded[0].tokenizer, 2, ctx)
+    assert [e.input_ids for e in data.examples] == [e.input_ids for e in again.examples]
+    assert "plus" in tiny_loaded[0].tokenizer.decode(data.examples[0].input_ids)
+    with pytest.raises(ValueError, match="partition-id 7 is not one of"):
+        client_id_of(SimpleNamespace(node_config={"partition-id": 7}), cfg)
+
+
+def test_the_offline_switches_are_the_ones_flower_and_ray_read():
+    """Telemetry, the update check and Ray's usage statistics are off; the names are Flower's own."""
+    import inspect
+
+    from flwr.supercore import constant, telemetry
+
+    from fedguard.flower import OFFLINE_ENV
+
+    assert OFFLINE_ENV["FLWR_DISABLE_UPDATE_CHECK"] == "1" and constant.FLWR_DISABLE_UPDATE_CHECK in OFFLINE_ENV
+    assert OFFLINE_ENV["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert '"FLWR_TELEMETRY_ENABLED"' in inspect.getsource(telemetry)
+    assert OFFLINE_ENV["RAY_USAGE_STATS_ENABLED"] == "0"

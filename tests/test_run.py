@@ -74,3 +74,12 @@ def test_resume_after_a_hard_kill_gives_the_same_final_adapter(tmp_path):
 def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):
     out = run_cli("resume", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "not a run directory" in out.stderr
+
+
+def test_a_model_that_is_not_there_is_named_and_leaves_no_run_folder(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: x\noutput_dir: {tmp_path / 'runs'}\nmodel:\n  name_or_path: {tmp_path / 'no-such-model'}\n")
+    done = run_cli("run", str(cfg))
+    assert done.returncode == 2 and "model.name_or_path" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -74,13 +74,14 @@ def _san(hosts: list[str]):
 
 
 def make_credentials(out: str | Path, nodes: int, hosts: list[str] | None = None) -> Credentials:
-    """A CA, the SuperLink's certificate for ``hosts`` (default localhost, 127.0.0.1) and ``nodes`` node keys."""
+    """A CA, the SuperLink's certificate for ``hosts`` (plus localhost and 127.0.0.1) and ``nodes`` node keys."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     creds = Credentials(Path(out))
-    hosts = list(dict.fromkeys(hosts or ["localhost", "127.0.0.1"]))
+    # the SuperLink's own ServerApp process reaches it over loopback, so those names are always in
+    hosts = list(dict.fromkeys([*(hosts or []), "localhost", "127.0.0.1"]))
     now = dt.datetime.now(dt.timezone.utc)
     pem = serialization.Encoding.PEM
     pkcs8 = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,

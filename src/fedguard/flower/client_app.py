@@ -87,13 +87,16 @@ def _node_data(cfg: ExperimentConfig, tokenizer, cid: int, context):
     path = context.node_config.get("data-path")
     if not path:
         return build_one_client_data(cfg, tokenizer, cid)
-    from fedguard.data.federation import ClientData, DataTokenizer
+    from fedguard.data.federation import ClientData, DataTokenizer, sample_examples
     from fedguard.data.readers import load_source
+    from fedguard.seeding import numpy_rng
 
-    examples = DataTokenizer(tokenizer, cfg)(load_source(str(path), "train", cfg.data.examples_per_client, cfg.seed))
+    n = cfg.data.examples_per_client
+    rows = load_source(str(path), None, n, cfg.seed)  # the site's own file: every row is its training data
+    examples = DataTokenizer(tokenizer, cfg)(sample_examples(rows, n, numpy_rng(cfg.seed, "node-data", cid), str(path)))
     if not examples:
-        raise ValueError(f"{path}: no usable training examples")
-    return ClientData(cid, examples[: cfg.data.examples_per_client], {"file": len(examples)})
+        raise ValueError(f"{path}: no usable training examples (data.max_length={cfg.data.max_length})")
+    return ClientData(cid, examples, {"own file": len(examples)})
 
 
 def client_app(cfg: ExperimentConfig | None = None):

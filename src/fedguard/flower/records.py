@@ -18,8 +18,8 @@ from fedguard.federated.client import ClientState
 from fedguard.messages import ClientUpdate, Instructions, RoundConfig
 
 # RecordDict keys
-CONFIG, GLOBAL, FLORA, ARRAYS, ATTACHMENTS, META, METRICS = (
-    "config", "global", "flora", "arrays", "attachments", "meta", "metrics")
+CONFIG, GLOBAL, FLORA, ARRAYS, ATTACHMENTS, PAYLOAD, META, METRICS = (
+    "config", "global", "flora", "arrays", "attachments", "payload", "meta", "metrics")
 STATE_KEY = "fedguard.client-state"  # a node's ClientState in Context.state
 QUERY_IDENTITY = "identity"  # the query a node answers with its partition id
 
@@ -61,15 +61,15 @@ def update_content(update: ClientUpdate):
     the example count and the training metrics."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    meta: dict[str, Any] = {"num_examples": int(update.num_examples)}
-    if update.payload is not None:
-        meta["payload"] = bytes(update.payload)
-    return RecordDict({
+    content = RecordDict({
         ARRAYS: _array_record(update.tensors),
         ATTACHMENTS: _array_record(update.attachments),
-        META: ConfigRecord(meta),
+        META: ConfigRecord({"num_examples": int(update.num_examples)}),
         METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()}),
     })
+    if update.payload is not None:  # an array, so Flower streams it in chunks like any tensor
+        content[PAYLOAD] = _array_record({"bytes": torch.frombuffer(bytearray(update.payload), dtype=torch.uint8)})
+    return content
 
 
 def update_from_reply(content, client_id: str) -> ClientUpdate:
@@ -82,9 +82,12 @@ def update_from_reply(content, client_id: str) -> ClientUpdate:
     n = meta.get("num_examples")
     if not isinstance(n, int) or isinstance(n, bool):
         raise ValueError("reply meta 'num_examples' is not an integer")
-    payload = meta.get("payload")
-    if payload is not None and not isinstance(payload, bytes):
-        raise ValueError("reply meta 'payload' is not bytes")
+    payload = None
+    if PAYLOAD in content:
+        blob = _tensors(content[PAYLOAD])
+        if set(blob) != {"bytes"} or blob["bytes"].dtype != torch.uint8 or blob["bytes"].dim() != 1:
+            raise ValueError("reply 'payload' is not one 1-D uint8 array named 'bytes'")
+        payload = blob["bytes"].numpy().tobytes()
     metrics: dict[str, float] = {}
     if METRICS in content:
         metrics = {str(k): float(v) for k, v in content[METRICS].items()
