@@ -69,6 +69,7 @@ class Deployment:
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
+        self.ca_cert = Path(self.ca_cert).resolve()
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -89,7 +90,7 @@ class Deployment:
             raise RuntimeError(f"{name} is already running (pid {self.procs[name].pid})")
         out = open(self.log_path(name), "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env(), start_new_session=True, cwd=self.workdir)
+                                env=self.env(), start_new_session=True)
         out.close()
         self.procs[name] = proc
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
@@ -181,7 +182,7 @@ class Deployment:
             cmd.append("--stream")
         if not wait:
             return self._start("run", cmd)
-        return subprocess.run(cmd, env=self.env(), cwd=self.workdir)
+        return subprocess.run(cmd, env=self.env())
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
         proc = self.procs.get(name)
