@@ -522,6 +522,29 @@ class AggregatorStudyConfig(_Section):
         return v
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg with central noise); see fedguard.privacy.client_dp."""
+
+    client_dp: Literal["none", "central"] = "none"
+    clip: float = Field(default=0.05, gt=0, description="L2 bound C on one client's update (local - global)")
+    noise_multiplier: float | Literal["auto"] = Field(
+        default=1.0, description="sigma: noise std on the sum is sigma * C; 'auto': the smallest sigma that keeps "
+                                 "federation.rounds rounds within target_epsilon")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    target_epsilon: float | None = Field(default=None, gt=0, description="stop before a round would exceed it")
+    secure_noise: bool = Field(default=False, description="noise from the OS's entropy instead of the run seed")
+
+
+    @model_validator(mode="after")
+    def _auto_needs_target(self) -> PrivacyConfig:
+        if self.noise_multiplier == "auto" and self.target_epsilon is None:
+            raise ValueError("noise_multiplier 'auto' needs target_epsilon")
+        if isinstance(self.noise_multiplier, float) and self.noise_multiplier < 0:
+            raise ValueError("noise_multiplier must be >= 0")
+        return self
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 2023
@@ -540,6 +563,7 @@ class ExperimentConfig(_Section):
     probe: ProbeBuildConfig = Field(default_factory=ProbeBuildConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     aggregator_study: AggregatorStudyConfig = Field(default_factory=AggregatorStudyConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @field_validator("name")
     @classmethod
@@ -591,6 +615,8 @@ class ExperimentConfig(_Section):
             if self.communication.compression != "none":
                 raise ValueError(f"lora.variant 'flora' needs communication.compression 'none' "
                                  f"(got '{self.communication.compression}')")
+        if self.privacy.client_dp != "none":
+            self._check_dp()
         refactored = self.lora.variant == "flora" or self.server.lora_aggregation == "product"
         if refactored and self.train.optimizer_state == "keep":
             # A client's kept AdamW moments belong to factors the server has since replaced (FLoRA
@@ -598,6 +624,22 @@ class ExperimentConfig(_Section):
             raise ValueError("train.optimizer_state 'keep' does not fit lora.variant 'flora' or "
                              "server.lora_aggregation 'product'; use 'reset'")
         return self
+
+    def _check_dp(self) -> None:
+        """DP-FedAvg's sensitivity is one clipped update: every part that combines updates must keep it."""
+        if self.server.aggregator != "fedavg":
+            raise ValueError(f"privacy.client_dp needs server.aggregator 'fedavg' (got '{self.server.aggregator}'): "
+                             "the noise is calibrated to a sum of clipped updates, which a robust rule or a server "
+                             "optimiser does not compute")
+        if self.server.lora_aggregation != "naive" or self.lora.variant == "flora":
+            raise ValueError("privacy.client_dp needs server.lora_aggregation 'naive' and lora.variant 'standard' or "
+                             "'ffa' (FFA-LoRA is the recommended one: A stays fixed, so noise on B is not multiplied "
+                             "through B·A)")
+        if self.defense.level not in ("none", "client"):
+            raise ValueError(f"privacy.client_dp works with defense.level 'none' or 'client', not "
+                             f"'{self.defense.level}': the client level weighs each update by itself, while the "
+                             "audit's round-relative scores and the snapshot levels' round skipping let one client "
+                             "change how the others count, which breaks the noise's calibration")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -51,10 +51,28 @@ def lora_aggregation(cfg: ExperimentConfig) -> str:
 
 
 def build_server(cfg: ExperimentConfig, defense=None) -> FederatedServer:
+    plan = RoundPlan.from_config(cfg)
     return FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense,
                            wire=WireSpec.from_config(cfg), lora_aggregation=lora_aggregation(cfg),
-                           lora_alpha=cfg.lora.alpha, seed=cfg.seed, plan=RoundPlan.from_config(cfg),
-                           max_abs_value=cfg.server.max_abs_value)
+                           lora_alpha=cfg.lora.alpha, seed=cfg.seed, plan=plan,
+                           max_abs_value=cfg.server.max_abs_value, privacy=build_privacy(cfg, plan))
+
+
+def build_privacy(cfg: ExperimentConfig, plan: RoundPlan):
+    """Client-level DP of ``cfg.privacy`` (None when off)."""
+    p = cfg.privacy
+    if p.client_dp == "none":
+        return None
+    from fedguard.privacy.accountant import noise_for_epsilon
+    from fedguard.privacy.client_dp import CentralClientDP
+
+    sigma = p.noise_multiplier
+    if sigma == "auto":
+        sigma = noise_for_epsilon(p.target_epsilon, plan.rounds, plan.sample_rate, p.delta, p.accountant)
+        log.info("privacy: noise multiplier %.4f keeps %d rounds at q=%.3g within epsilon %g (delta %g)", sigma,
+                 plan.rounds, plan.sample_rate, p.target_epsilon, p.delta)
+    return CentralClientDP(p.clip, float(sigma), plan.sample_rate, plan.num_clients, p.delta, p.accountant,
+                           p.target_epsilon, cfg.seed, p.secure_noise)
 
 
 def build_client(cfg: ExperimentConfig, resident: Resident) -> Client:

@@ -38,13 +38,24 @@ class RoundPlan:
     rounds: int
     seed: int
     train: TrainConfig
+    # Poisson sampling (each client joins with probability clients_per_round / num_clients, independently):
+    # what differential privacy's amplification by sampling assumes
+    poisson: bool = False
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> RoundPlan:
         f = cfg.federation
-        return cls(f.num_clients, f.clients_per_round, f.rounds, cfg.seed, cfg.train)
+        return cls(f.num_clients, f.clients_per_round, f.rounds, cfg.seed, cfg.train,
+                   poisson=cfg.privacy.client_dp != "none")
+
+    @property
+    def sample_rate(self) -> float:
+        return self.clients_per_round / self.num_clients
 
     def sampled(self, server_round: int) -> list[int]:
+        if self.poisson:
+            draws = numpy_rng(self.seed, "client-sampling-poisson", server_round).random(self.num_clients)
+            return [c for c in range(self.num_clients) if draws[c] < self.sample_rate]
         return sample_clients(self.num_clients, self.clients_per_round, self.seed, server_round)
 
     def round_config(self, server_round: int) -> RoundConfig:

@@ -53,6 +53,7 @@ from fedguard.federated.validation import UpdateRejected, UpdateSpec, check_keys
 from fedguard.seeding import derive_seed
 
 LORA_AGGREGATIONS = ("naive", "product", "flora")
+PRIVACY_META = "privacy"  # ServerState.meta: the DP accountant's history
 FLORA_PREFIX = "flora/"  # ServerState.tensors keys of FLoRA's merged update, per module
 # ServerState.meta under FLoRA: the bytes of each round's stacked adapter, and per client how many of those
 # stacks it has fetched and merged (a client that sat out rounds fetches every stack it missed).
@@ -102,12 +103,13 @@ class RoundOutcome:
     # 0 screened out), see ``Aggregator.screening``; None otherwise
     screening: dict[str, float] | None = None
     defended: bool = False  # a defense weighed the round's updates (verdicts, skipped)
+    privacy: dict[str, Any] | None = None  # client-level DP: clipping, noise, epsilon spent so far
 
 
 class FederatedServer:
     def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None, *, wire: WireSpec | None = None,
                  lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0,
-                 plan: RoundPlan | None = None, max_abs_value: float = math.inf):
+                 plan: RoundPlan | None = None, max_abs_value: float = math.inf, privacy=None):
         """``wire``: what clients send (default: every tensor, uncompressed); ``lora_alpha``: LoRA's
         alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run
         seed (product averaging draws fresh A rows for directions the mean does not use); ``plan``: who
@@ -125,6 +127,9 @@ class FederatedServer:
         self.seed = int(seed)
         self.plan = plan
         self.max_abs_value = float(max_abs_value)
+        self.privacy = privacy  # optional: client-level DP (fedguard.privacy.client_dp.CentralClientDP)
+        if privacy is not None and lora_aggregation != "naive":
+            raise ValueError("client-level DP needs naive LoRA aggregation")
 
     def configure(self, server_round: int, global_adapter: AdapterState, state: ServerState) -> dict[str, Instructions]:
         """The round's sampled clients and what each receives: its round config and the downlink (under
@@ -170,6 +175,7 @@ class FederatedServer:
         spec = UpdateSpec.from_adapter(sent_global, self.max_update_bytes, self.max_abs_value, whole=global_adapter)
         accepted, rejected = self._admit(server_round, global_adapter, updates, spec, sent_to)
         verdicts, weights, skipped, report, meta, screening = [], None, False, None, dict(state.meta), None
+        privacy = None
         if accepted and self.defense is not None:
             # The defense judges whole adapters: under FFA-LoRA the frozen A is filled in (its delta is 0).
             whole = [replace(u, tensors=self.wire.full_view(u.tensors, global_adapter)) for u in accepted]
@@ -193,6 +199,12 @@ class FederatedServer:
             new_global = {k: v.clone() for k, v in global_adapter.items()}
             if not accepted:
                 log.warning("round %d: no valid update; nothing merged", server_round)
+        elif self.privacy is not None:  # noise every round, even one nobody answered; no skipping under DP
+            new_sent, privacy = self.privacy.aggregate(server_round, sent_global, accepted, weights)
+            new_global = {k: t.clone() for k, t in self.wire.full_view(new_sent, global_adapter).items()}
+            meta[PRIVACY_META] = self.privacy.with_round(state)
+            privacy.update(epsilon=self.privacy.spent(ServerState(meta=meta)), delta=self.privacy.delta)
+            skipped = False
         elif accepted and not skipped:
             new_sent = self.aggregator.aggregate(sent_global, accepted, state, client_weights=weights)
             screening = self.aggregator.screening
@@ -205,7 +217,7 @@ class FederatedServer:
             meta["defense"] = self.defense.state_dict()
         new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
         return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped,
-                            report, screening, defended=self.defense is not None)
+                            report, screening, defended=self.defense is not None, privacy=privacy)
 
     def _admit(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
                spec: UpdateSpec, sent_to: Sequence[str] | None) -> tuple[list[ClientUpdate], dict[str, str]]:

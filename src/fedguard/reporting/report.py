@@ -86,6 +86,25 @@ def plot_defense(records: list[dict[str, Any]], title: str) -> bytes | None:
     return png_bytes(fig)
 
 
+def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
+    rounds = [r for r in records if "privacy" in r]
+    if not rounds:
+        return []
+    p, last = cfg.privacy, rounds[-1]["privacy"]
+    lines = ["", "## Privacy", "",
+             f"Client-level DP (DP-FedAvg, central noise): each update clipped to L2 norm {p.clip:g}, Gaussian noise "
+             f"of multiplier {p.noise_multiplier:g} on the sum, Poisson client sampling at rate "
+             f"{last['sample_rate']:.3g}; **ε = {last['epsilon']:.3f} at δ = {last['delta']:g}** after "
+             f"{len(rounds)} rounds ({p.accountant.upper()} accountant of dp-accounting). The guarantee covers the "
+             "released global adapters for any one client's data; the server sees updates before noise.", "",
+             "| round | clients | clipped | median update norm | ε |", "|---:|---:|---:|---:|---:|"]
+    for r in rounds:
+        q = r["privacy"]
+        lines.append(f"| {r['round']} | {q['clients']} | {q['clipped']} | {_fmt(q['median_norm'], 4)} | "
+                     f"{q['epsilon']:.3f} |")
+    return lines
+
+
 def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
     rounds = [r for r in records if "defense" in r]
     if not rounds:
@@ -275,6 +294,7 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
     if defense_png is not None:
         atomic_write_bytes(run_dir / "plots" / "defense.png", defense_png)
     lines += _communication_section(cfg, records, final)
+    lines += _privacy_section(cfg, records)
     lines += _defense_section(cfg, records)
     lines += _screening_section(cfg, records)
     evals = [r for r in records if "eval" in r]

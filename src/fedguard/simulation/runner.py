@@ -211,6 +211,10 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
 
     total_rounds = cfg.federation.rounds
     for server_round in range(start, total_rounds + 1):
+        if server.privacy is not None and server.privacy.would_exceed(state):
+            log.warning("stopping before round %d: it would spend more than privacy.target_epsilon %.3g (spent %.3f)",
+                        server_round, server.privacy.target_epsilon, server.privacy.spent(state))
+            break
         t_round = time.perf_counter()
         instructions = server.configure(server_round, global_adapter, state)
         progress.start_round(server_round, len(instructions) * cfg.train.local_steps)
@@ -223,7 +227,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         global_adapter, state = outcome.global_adapter, outcome.state
         if resident.merged_base is not None:  # FLoRA: the resident model evaluates W0 + ΔW
             resident.merged_base.sync(flora_merged(state), state.round)
-        record = _round_record(server_round, instructions, outcome, replies, down, clients.population)
+        record = _round_record(server_round, server.plan.round_config(server_round).lr, instructions, outcome, replies,
+                               down, clients.population)
         record["train_seconds"] = train_seconds
         if defense is not None and defense.audit_seconds is not None:
             record["defense"]["audit_seconds"] = defense.audit_seconds
@@ -285,7 +290,7 @@ def _start_or_resume(cfg: ExperimentConfig, run_dir: Path, resume: bool, residen
             [r for r in records if r.get("round", 0) <= ckpt.round])
 
 
-def _round_record(server_round: int, instructions: dict[str, Instructions], outcome, replies: Replies,
+def _round_record(server_round: int, lr: float, instructions: dict[str, Instructions], outcome, replies: Replies,
                   down: dict[str, int], population) -> dict[str, Any]:
     """One round's line of metrics.ndjson."""
     sampled = [int(c) for c in instructions]
@@ -296,7 +301,7 @@ def _round_record(server_round: int, instructions: dict[str, Instructions], outc
                                     defense=attachment_nbytes(m))
     record: dict[str, Any] = {
         "round": server_round,
-        "lr": next(iter(instructions.values())).config.lr,
+        "lr": lr,
         "sampled": sampled,
         "accepted": outcome.accepted,
         "rejected": {**replies.failed, **outcome.rejected},
@@ -316,6 +321,8 @@ def _round_record(server_round: int, instructions: dict[str, Instructions], outc
     }
     if replies.transport:
         record["transport_bytes"] = replies.transport
+    if outcome.privacy is not None:
+        record["privacy"] = outcome.privacy
     if outcome.lora_aggregation is not None:
         record["lora_aggregation"] = outcome.lora_aggregation
     if outcome.defended:
@@ -412,6 +419,8 @@ def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds
         "after_round": last.get("round"),
         **({"refusal_change_p": paired["p"]} if paired else {}),
         "final_train_loss": rounds[-1]["train_loss"] if rounds else None,
+        **({"privacy": {k: rounds[-1]["privacy"][k] for k in ("epsilon", "delta")},
+            "privacy_rounds": len(rounds)} if rounds and "privacy" in rounds[-1] else {}),
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "mean_round_seconds": statistics.fmean(r["round_seconds"] for r in rounds) if rounds else None,
         "mean_train_seconds_per_round": statistics.fmean(r["train_seconds"] for r in rounds) if rounds else None,

@@ -1,0 +1,1 @@
+"""Differential privacy: client-level DP-FedAvg with a maintained accountant (``dp-accounting``)."""

@@ -1,0 +1,53 @@
+"""Epsilon of a run, from Google's ``dp-accounting`` (never an accountant of our own).
+
+A round of DP-FedAvg with Poisson client sampling at rate q and Gaussian noise of multiplier sigma is the
+event ``PoissonSampled(q, Gaussian(sigma))``; a run composes one per round. The history is a list of
+``(q, sigma)`` pairs, kept in the server state, so a resumed run reports exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Integer orders (and a few large ones): the fractional orders below 2 do not converge for small sigma in
+# dp-accounting's RDP series and add nothing at the deltas used here.
+RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512)
+
+
+def round_event(q: float, sigma: float):
+    import dp_accounting
+
+    return dp_accounting.PoissonSampledDpEvent(float(q), dp_accounting.GaussianDpEvent(float(sigma)))
+
+
+def epsilon(history: Sequence[Sequence[float]], delta: float, kind: str = "rdp") -> float:
+    """Epsilon at ``delta`` after the rounds of ``history`` (each ``(q, sigma)``); 0 before any round."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    if not history:
+        return 0.0
+    events = [round_event(q, s) for q, s in history]
+    event = dp_accounting.ComposedDpEvent(events) if len({tuple(h) for h in history}) > 1 else \
+        dp_accounting.SelfComposedDpEvent(events[0], len(events))
+    accountant = rdp.RdpAccountant(list(RDP_ORDERS)) if kind == "rdp" else pld.PLDAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(float(delta)))
+
+
+def noise_for_epsilon(target_epsilon: float, rounds: int, q: float, delta: float, kind: str = "rdp") -> float:
+    """The smallest noise multiplier sigma for which ``rounds`` rounds at sampling rate ``q`` spend at most
+    ``target_epsilon`` at ``delta`` (dp-accounting's calibration, Brent's method on sigma)."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    def fresh():
+        return rdp.RdpAccountant(list(RDP_ORDERS)) if kind == "rdp" else pld.PLDAccountant()
+
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        fresh, lambda s: dp_accounting.SelfComposedDpEvent(round_event(q, s), rounds), float(target_epsilon),
+        float(delta), dp_accounting.mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4)
+    # the search stops within tol of the target: nudge up until the budget holds
+    while epsilon([(q, sigma)] * rounds, delta, kind) > target_epsilon:
+        sigma *= 1.001
+    return float(sigma)
