@@ -120,3 +120,32 @@ def test_auto_noise_spends_the_target_in_exactly_the_configured_rounds():
     assert 3.95 < spent <= 4.0 and epsilon([(0.5, dp.noise_multiplier * 0.98)] * 3, 1e-5) > 4.0
     with pytest.raises(ConfigError, match="target_epsilon"):
         tiny_config(privacy={"client_dp": "central", "noise_multiplier": "auto"})
+
+
+def test_membership_inference_sees_an_overfit_model_and_not_a_private_one(tmp_path):
+    """The loss-ratio attack tells one client's training examples from unseen ones after deliberate
+    overfitting (few examples, many steps, high learning rate), and cannot once DP noise is on."""
+    from fedguard.simulation.runner import run_experiment
+
+    overfit = dict(federation={"num_clients": 2, "clients_per_round": 2, "rounds": 2},
+                   data={"examples_per_client": 16, "max_length": 96},
+                   train={"local_steps": 40, "batch_size": 4, "lr": 5e-2, "lr_schedule": "constant"},
+                   lora={"r": 16, "alpha": 32, "dropout": 0.0, "init_seed": 5})
+    audit = {"audit_membership": True, "audit_examples": 16}
+    plain = run_experiment(tiny_config(**overfit, privacy=audit), tmp_path / "plain", quiet=True)
+    private = run_experiment(tiny_config(**overfit, privacy={**audit, "client_dp": "central", "clip": 0.01,
+                                                             "noise_multiplier": 2.0}), tmp_path / "dp", quiet=True)
+    leak, kept = plain.final_metrics["membership_inference"], private.final_metrics["membership_inference"]
+    assert leak["auc"] > 0.85 and leak["members"] == leak["non_members"] == 16
+    assert abs(kept["auc"] - 0.5) < 0.25 and kept["auc"] < leak["auc"] - 0.2
+    assert "membership inference" in plain.report.read_text()
+
+
+def test_no_noise_is_infinite_epsilon_and_still_a_valid_record(tmp_path):
+    from fedguard.simulation.runner import run_experiment
+
+    run = run_experiment(tiny_config(federation={"rounds": 1}, privacy={"client_dp": "central", "noise_multiplier": 0}),
+                         tmp_path / "r", quiet=True)
+    rec = read_ndjson(run.run_dir / "metrics.ndjson")[1]
+    assert rec["privacy"]["epsilon"] is None and rec["privacy"]["clients"] >= 0
+    assert "∞" in run.report.read_text()

@@ -534,6 +534,11 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "pld"] = "rdp"
     target_epsilon: float | None = Field(default=None, gt=0, description="stop before a round would exceed it")
     secure_noise: bool = Field(default=False, description="noise from the OS's entropy instead of the run seed")
+    # Membership-inference audit at the end of a run (embedded engine: it needs a client's training data):
+    # the loss-ratio attack on `audit_examples` of client `audit_client`'s examples against as many unseen ones.
+    audit_membership: bool = False
+    audit_client: int = Field(default=0, ge=0)
+    audit_examples: int = Field(default=64, ge=4)
 
 
     @model_validator(mode="after")

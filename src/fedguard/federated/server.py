@@ -203,7 +203,8 @@ class FederatedServer:
             new_sent, privacy = self.privacy.aggregate(server_round, sent_global, accepted, weights)
             new_global = {k: t.clone() for k, t in self.wire.full_view(new_sent, global_adapter).items()}
             meta[PRIVACY_META] = self.privacy.with_round(state)
-            privacy.update(epsilon=self.privacy.spent(ServerState(meta=meta)), delta=self.privacy.delta)
+            spent = self.privacy.spent(ServerState(meta=meta))  # infinite without noise: JSON null
+            privacy.update(epsilon=spent if math.isfinite(spent) else None, delta=self.privacy.delta)
             skipped = False
         elif accepted and not skipped:
             new_sent = self.aggregator.aggregate(sent_global, accepted, state, client_weights=weights)

@@ -86,6 +86,17 @@ def plot_defense(records: list[dict[str, Any]], title: str) -> bytes | None:
     return png_bytes(fig)
 
 
+def _membership_section(final: dict[str, Any]) -> list[str]:
+    m = final.get("membership_inference")
+    if not m:
+        return []
+    return ["", "## Privacy audit: membership inference", "",
+            f"Loss-ratio attack (log loss before − log loss after) on {m['members']} training examples of client "
+            f"{m['client']} against {m['non_members']} examples no client saw: **AUC {m['auc']:.3f}** (± "
+            f"{m['auc_standard_error']:.3f}), **TPR at 1 % FPR {m['tpr_at_1pct_fpr']:.3f}**. 0.5 and 0.01 mean the "
+            "attacker cannot tell members from non-members."]
+
+
 def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
     rounds = [r for r in records if "privacy" in r]
     if not rounds:
@@ -94,15 +105,19 @@ def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
     lines = ["", "## Privacy", "",
              f"Client-level DP (DP-FedAvg, central noise): each update clipped to L2 norm {p.clip:g}, Gaussian noise "
              f"of multiplier {p.noise_multiplier:g} on the sum, Poisson client sampling at rate "
-             f"{last['sample_rate']:.3g}; **ε = {last['epsilon']:.3f} at δ = {last['delta']:g}** after "
+             f"{last['sample_rate']:.3g}; **ε = {_eps(last['epsilon'])} at δ = {last['delta']:g}** after "
              f"{len(rounds)} rounds ({p.accountant.upper()} accountant of dp-accounting). The guarantee covers the "
              "released global adapters for any one client's data; the server sees updates before noise.", "",
              "| round | clients | clipped | median update norm | ε |", "|---:|---:|---:|---:|---:|"]
     for r in rounds:
         q = r["privacy"]
         lines.append(f"| {r['round']} | {q['clients']} | {q['clipped']} | {_fmt(q['median_norm'], 4)} | "
-                     f"{q['epsilon']:.3f} |")
+                     f"{_eps(q['epsilon'])} |")
     return lines
+
+
+def _eps(value: float | None) -> str:
+    return "∞ (no noise)" if value is None else f"{value:.3f}"
 
 
 def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
@@ -295,6 +310,7 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
         atomic_write_bytes(run_dir / "plots" / "defense.png", defense_png)
     lines += _communication_section(cfg, records, final)
     lines += _privacy_section(cfg, records)
+    lines += _membership_section(final)
     lines += _defense_section(cfg, records)
     lines += _screening_section(cfg, records)
     evals = [r for r in records if "eval" in r]

@@ -256,16 +256,44 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
             os.kill(os.getpid(), signal.SIGKILL)
 
     export_peft_adapter(resident.slot, global_adapter, run_dir / "final_adapter", loaded.path)
+    audit = _membership_audit(cfg, resident, clients, global_adapter) if cfg.privacy.audit_membership else None
     if cfg.lora.variant == "flora":  # FLoRA's result lives in the base weights: W = W_base + ΔW per module
         save_tensors(run_dir / FLORA_DELTA_FILE,
                      {base_layer_key(m): d.float() for m, d in flora_merged(state).items()})
     final = _final_metrics(cfg, records, time.perf_counter() - t_start, loaded)
+    if audit is not None:
+        final["membership_inference"] = audit
     atomic_write_json(run_dir / FINAL_METRICS_FILE, final)
     from fedguard.reporting.report import write_report
 
     report = write_report(run_dir, cfg, records, final)
     log.info("report: %s", report)
     return RunResult(run_dir, final, report)
+
+
+def _membership_audit(cfg: ExperimentConfig, resident: Resident, clients, final_adapter) -> dict[str, Any] | None:
+    """The loss-ratio membership attack on one client's training examples (simulation side: the audit knows
+    which examples were trained on, which no server does)."""
+    from fedguard.data.federation import DataTokenizer, sample_examples
+    from fedguard.data.readers import load_source
+    from fedguard.privacy.audits import membership_inference
+    from fedguard.seeding import numpy_rng
+
+    p, data = cfg.privacy, getattr(clients, "data", None)
+    if data is None or cfg.lora.variant == "flora" or p.audit_client >= len(data):
+        log.warning("membership audit skipped: it needs the embedded engine, a non-FLoRA adapter and client %d",
+                    p.audit_client)
+        return None
+    members = data[p.audit_client].examples[: p.audit_examples]
+    source = cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign"
+    seed = cfg.seed + 2_000_003
+    unseen = load_source(source, "eval", 4 * len(members), seed)  # the evaluation split: no client trains on it
+    rng = numpy_rng(cfg.seed, "membership-audit")
+    non_members = DataTokenizer(resident.loaded.tokenizer, cfg)(sample_examples(unseen, len(members), rng, source))
+    out = membership_inference(resident, resident.theta0, final_adapter, members, non_members)
+    log.info("membership inference on client %d: AUC %.3f (+- %.3f), TPR at 1%% FPR %.3f", p.audit_client,
+             out["auc"], out["auc_standard_error"], out["tpr_at_1pct_fpr"])
+    return {"client": p.audit_client, **out}
 
 
 def _start_or_resume(cfg: ExperimentConfig, run_dir: Path, resume: bool, resident: Resident, server):
