@@ -8,7 +8,7 @@ import torch
 
 from conftest import killed_and_resumed, tiny_config
 from fedguard.io import read_ndjson
-from fedguard.messages import ClientUpdate, ServerState
+from fedguard.messages import ClientUpdate
 
 
 def test_epsilon_is_the_librarys_for_a_known_setting():
