@@ -122,6 +122,15 @@ def test_auto_noise_spends_the_target_in_exactly_the_configured_rounds():
         tiny_config(privacy={"client_dp": "central", "noise_multiplier": "auto"})
 
 
+def test_a_run_with_auto_noise_reports_the_noise_it_used(tmp_path):
+    from fedguard.simulation.runner import run_experiment
+
+    run = run_experiment(tiny_config(federation={"rounds": 1}, privacy={
+        "client_dp": "central", "noise_multiplier": "auto", "target_epsilon": 8.0}), tmp_path / "r", quiet=True)
+    sigma = read_ndjson(run.run_dir / "metrics.ndjson")[1]["privacy"]["noise_multiplier"]
+    assert sigma > 0 and f"multiplier {sigma:.4g}" in run.report.read_text()
+
+
 def test_membership_inference_sees_an_overfit_model_and_not_a_private_one(tmp_path):
     """The loss-ratio attack tells one client's training examples from unseen ones after deliberate
     overfitting (few examples, many steps, high learning rate), and cannot once DP noise is on."""

@@ -22,6 +22,17 @@ from fedguard.config import load_config  # noqa: E402
 from fedguard.simulation.runner import run_experiment  # noqa: E402
 
 
+def _run(cfg, run_dir: Path):
+    """A finished run of the same config is read back, not run again."""
+    import json
+    from types import SimpleNamespace
+
+    final = run_dir / "final_metrics.json"
+    if final.is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml():
+        return SimpleNamespace(run_dir=run_dir, final_metrics=json.loads(final.read_text()))
+    return run_experiment(cfg, run_dir, quiet=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/dp-utility"))
@@ -35,7 +46,7 @@ def main() -> None:
         base = load_config(REPO / "configs" / "default.yaml", common + [f"lora.variant={variant}",
                                                                          "privacy.noise_multiplier=0",
                                                                          "privacy.clip=1e9"])
-        run = run_experiment(base, args.out / f"{variant}-inf", quiet=True)
+        run = _run(base, args.out / f"{variant}-inf")
         import json
 
         records = [json.loads(line) for line in (run.run_dir / "metrics.ndjson").read_text().splitlines()]
@@ -47,7 +58,7 @@ def main() -> None:
             cfg = load_config(REPO / "configs" / "default.yaml", common + [
                 f"lora.variant={variant}", f"privacy.clip={clip}", "privacy.noise_multiplier=auto",
                 f"privacy.target_epsilon={eps}"])
-            run = run_experiment(cfg, args.out / f"{variant}-eps{eps:g}", quiet=True)
+            run = _run(cfg, args.out / f"{variant}-eps{eps:g}")
             records = [json.loads(line) for line in (run.run_dir / "metrics.ndjson").read_text().splitlines()]
             sigma = records[-1]["privacy"]["noise_multiplier"]
             rows.append((variant, f"{run.final_metrics['privacy']['epsilon']:.2f}", sigma, clip, run.final_metrics))

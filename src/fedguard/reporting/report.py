@@ -104,7 +104,7 @@ def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
     p, last = cfg.privacy, rounds[-1]["privacy"]
     lines = ["", "## Privacy", "",
              f"Client-level DP (DP-FedAvg, central noise): each update clipped to L2 norm {p.clip:g}, Gaussian noise "
-             f"of multiplier {p.noise_multiplier:g} on the sum, Poisson client sampling at rate "
+             f"of multiplier {last['noise_multiplier']:.4g} on the sum, Poisson client sampling at rate "
              f"{last['sample_rate']:.3g}; **ε = {_eps(last['epsilon'])} at δ = {last['delta']:g}** after "
              f"{len(rounds)} rounds ({p.accountant.upper()} accountant of dp-accounting). The guarantee covers the "
              "released global adapters for any one client's data; the server sees updates before noise.", "",
