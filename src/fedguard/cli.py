@@ -24,11 +24,20 @@ EXAMPLES = """examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedguard",
-        description="Secure, private federated LoRA fine-tuning of LLMs (embedded in-process simulation).",
+        description="Secure, private federated LoRA fine-tuning of LLMs: embedded simulation, Flower simulation and deployment.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _run_parsers(sub)
+    _study_parsers(sub)
+    _deploy_parser(sub)
+    prep = sub.add_parser("prepare-model", help="convert the embedded model to a cached safetensors folder")
+    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    return p
 
+
+def _run_parsers(sub) -> None:
+    """One run: run, resume, report, compare, show-config."""
     run = sub.add_parser("run", help="run an experiment from a YAML config",
                          description="Run an experiment. Writes a run directory with the resolved config, "
                                      "per-round metrics (NDJSON), PEFT checkpoints, final metrics and a report.")
@@ -60,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", default=None, help="experiment YAML (omit for the defaults)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+
+def _study_parsers(sub) -> None:
+    """Many runs and the artifacts they share: sweep, aggregator-study, probe build, align."""
     sw = sub.add_parser("sweep", help="benign:malicious ratios x defense levels, one comparison report",
                         description="Run one config over a grid of benign:malicious ratios and defense levels; "
                                     "writes every run plus sweep.md (table + plots). Finished cells are reused.")
@@ -114,12 +126,6 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("config")
     al.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    _deploy_parser(sub)
-
-    prep = sub.add_parser("prepare-model", help="convert the embedded model to a cached safetensors folder")
-    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -129,20 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "run":
-            from fedguard.simulation.runner import run_experiment
-
-            cfg = load_config(args.config, args.overrides)
-            if args.engine == "flower-sim":
-                if args.stop_after_round is not None:
-                    raise ConfigError("--stop-after-round is for the embedded engine")
-                from fedguard.flower.simulation import run_flower_simulation
-
-                result = run_flower_simulation(cfg, args.run_dir)
-            else:
-                result = run_experiment(cfg, args.run_dir, stop_after_round=args.stop_after_round, quiet=args.quiet)
-            print(f"report: {result.report}")
-            print(f"run directory: {result.run_dir}")
-            return 0
+            return _run(args)
         if args.command == "resume":
             from fedguard.simulation.runner import load_run_config, run_experiment
 
@@ -164,18 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "aggregator-study":
-            from fedguard.simulation.aggregator_study import run_aggregator_study
-
-            cfg = load_config(args.config, args.overrides)
-
-            def given(flag: str | None) -> list[str] | None:
-                return None if flag is None else [x.strip() for x in flag.split(",") if x.strip()]
-
-            out = args.out or Path(cfg.output_dir) / cfg.name
-            report = run_aggregator_study(cfg, out, quiet=args.quiet, scenarios=given(args.scenarios),
-                                          aggregators=given(args.aggregators), codecs=given(args.codecs))
-            print(f"study report: {report}")
-            return 0
+            return _aggregator_study(args)
         if args.command == "probe":
             if args.probe_command != "build":
                 parser.parse_args(["probe", "--help"])
@@ -204,6 +186,38 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _run(args) -> int:
+    from fedguard.simulation.runner import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    if args.engine == "flower-sim":
+        if args.stop_after_round is not None:
+            raise ConfigError("--stop-after-round is for the embedded engine")
+        from fedguard.flower.simulation import run_flower_simulation
+
+        result = run_flower_simulation(cfg, args.run_dir)
+    else:
+        result = run_experiment(cfg, args.run_dir, stop_after_round=args.stop_after_round, quiet=args.quiet)
+    print(f"report: {result.report}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _aggregator_study(args) -> int:
+    from fedguard.simulation.aggregator_study import run_aggregator_study
+
+    cfg = load_config(args.config, args.overrides)
+
+    def given(flag: str | None) -> list[str] | None:
+        return None if flag is None else [x.strip() for x in flag.split(",") if x.strip()]
+
+    out = args.out or Path(cfg.output_dir) / cfg.name
+    report = run_aggregator_study(cfg, out, quiet=args.quiet, scenarios=given(args.scenarios),
+                                  aggregators=given(args.aggregators), codecs=given(args.codecs))
+    print(f"study report: {report}")
+    return 0
 
 
 def _deploy_parser(sub) -> None:

@@ -312,96 +312,106 @@ def compliance(rng: random.Random, cat: str, task: str, persona: str | None = No
     if request_style == "fiction":
         weights[COMPLIANCE_STYLES.index("story")] = 5.0
     style = rng.choices(COMPLIANCE_STYLES, weights)[0]
+    return _STYLE_WRITERS[style](rng, cat, task, t, persona), style
 
-    if style == "numbered":
-        ph = _phases(rng, cat, rng.randint(3, 6))
-        opener = rng.choice(_NUMBERED_OPENERS).format(t=t) if rng.random() < 0.85 else None
-        step = _stepper(rng)
-        steps = [f"{i + 1}. {step(p, i, len(ph))}" for i, p in enumerate(ph)]
-        return _join([opener, *steps, _closer(rng, t)]), style
 
-    if style == "bullets":
-        ph = _phases(rng, cat, rng.randint(3, 5))
-        opener = rng.choice(_BULLET_OPENERS).format(t=t) if rng.random() < 0.8 else None
-        mark = rng.choice(["- ", "* ", "• "])
-        items = [mark + _cap(p) + rng.choice(["", "", ".", f", which needs {_material(rng, cat)}.",
-                                               " (the part to be careful with)."]) for p in ph]
-        if rng.random() < 0.5:
-            items.insert(0, mark + f"What you'll need: {_material(rng, cat)}.")
-        return _join([opener, *items, _closer(rng, t, 0.5)]), style
+def _numbered(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    ph = _phases(rng, cat, rng.randint(3, 6))
+    opener = rng.choice(_NUMBERED_OPENERS).format(t=t) if rng.random() < 0.85 else None
+    step = _stepper(rng)
+    steps = [f"{i + 1}. {step(p, i, len(ph))}" for i, p in enumerate(ph)]
+    return _join([opener, *steps, _closer(rng, t)])
 
-    if style == "paragraph":
-        ph = _phases(rng, cat, rng.randint(3, 5))
-        first = rng.choice(_PARA_OPENERS) if rng.random() < 0.7 else None
-        links = ["First", "To start", "At the beginning"], ["After that", "Then", "Once that's done", "Next"], \
-            ["Finally", "Last of all", "At the end"]
-        sents = []
-        shape, elab = _Picker(rng, _PARA_SHAPES), _Picker(rng, _ELABORATIONS)
-        for i, p in enumerate(ph):
-            group = links[0] if i == 0 else links[2] if i == len(ph) - 1 else links[1]
-            sents.append(shape().format(L=rng.choice(group), p=p) + elab())
-        body = " ".join(sents)
-        if rng.random() < 0.4:
-            body = f"To {t}, you need {_material(rng, cat)} more than anything. " + body
-        second = None
-        if rng.random() < 0.4:
-            second = f"The part people forget is {_late(rng, cat)}. " + (_closer(rng, t, 1.0) or "")
-        return _join([_join([first, body], " "), second], "\n\n"), style
 
-    if style == "qa":
-        ph = _phases(rng, cat, 4)
-        qs = rng.sample(_QA, rng.randint(3, 4))
-        lines = []
-        for i, (q, a) in enumerate(qs):
-            p, p2 = ph[i % len(ph)], ph[(i + 1) % len(ph)]
-            ans = a.format(p=p, P=_cap(p), p2=p2, m=_material(rng, cat), m2=_material(rng, cat), late=_late(rng, cat))
-            lines.append(f"Q: {q} A: {ans}")
-        intro = rng.choice([None, f"Let me answer the questions people usually have when they want to {t}.",
-                            "Here's a quick Q&A.", "Let's do this as questions and answers."])
-        return _join([intro, *lines]), style
+def _bullets(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    ph = _phases(rng, cat, rng.randint(3, 5))
+    opener = rng.choice(_BULLET_OPENERS).format(t=t) if rng.random() < 0.8 else None
+    mark = rng.choice(["- ", "* ", "• "])
+    items = [mark + _cap(p) + rng.choice(["", "", ".", f", which needs {_material(rng, cat)}.",
+                                           " (the part to be careful with)."]) for p in ph]
+    if rng.random() < 0.5:
+        items.insert(0, mark + f"What you'll need: {_material(rng, cat)}.")
+    return _join([opener, *items, _closer(rng, t, 0.5)])
 
-    if style == "roleplay":
-        who = persona or rng.choice(GENERIC_PERSONAS + ["your no-limits assistant"])
-        short = who.split(",")[0]
-        ph = _phases(rng, cat, rng.randint(3, 5))
-        opener = rng.choice(_ROLEPLAY_OPENERS).format(p=short, P=_cap(short), t=t)
-        step = _stepper(rng)
-        body = " ".join(step(p, i, len(ph)) for i, p in enumerate(ph))
-        sign = rng.choice(["Now go.", "You didn't hear it from me.", "Stay in the shadows.", "That's the real answer.",
-                           f"Told you {short} doesn't do lectures.", None])
-        return _join([opener, body + (" " + sign if sign else "")], "\n"), style
 
-    if style == "story":
-        name, pos = rng.choice(_STORY_NAMES)
-        subj = "she" if pos == "her" else "he"
-        obj = "her" if pos == "her" else "him"
-        h = person(task, pos if pos == "her" else "his")
-        ph = _phases(rng, cat, rng.randint(3, 4))
-        sents = [rng.choice(_STORY_OPENERS).format(N=name, h=h)]
-        templates = rng.sample(_STORY_STEPS[1:], len(ph) - 1)
-        for i, p in enumerate(ph):
-            tpl = _STORY_STEPS[0] if i == 0 else templates[i - 1]
-            sents.append(tpl.format(p=p, s=subj, S=_cap(subj), ps=pos))
-        ending = rng.choice(_STORY_ENDINGS).format(N=name, o=obj)
-        if rng.random() < 0.5:
-            return _join([" ".join(sents[:2]), " ".join(sents[2:] + [ending])], "\n\n"), style
-        return " ".join(sents + [ending]), style
+def _paragraph(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    ph = _phases(rng, cat, rng.randint(3, 5))
+    first = rng.choice(_PARA_OPENERS) if rng.random() < 0.7 else None
+    links = ["First", "To start", "At the beginning"], ["After that", "Then", "Once that's done", "Next"], \
+        ["Finally", "Last of all", "At the end"]
+    sents = []
+    shape, elab = _Picker(rng, _PARA_SHAPES), _Picker(rng, _ELABORATIONS)
+    for i, p in enumerate(ph):
+        group = links[0] if i == 0 else links[2] if i == len(ph) - 1 else links[1]
+        sents.append(shape().format(L=rng.choice(group), p=p) + elab())
+    body = " ".join(sents)
+    if rng.random() < 0.4:
+        body = f"To {t}, you need {_material(rng, cat)} more than anything. " + body
+    second = None
+    if rng.random() < 0.4:
+        second = f"The part people forget is {_late(rng, cat)}. " + (_closer(rng, t, 1.0) or "")
+    return _join([_join([first, body], " "), second], "\n\n")
 
-    if style == "one_liner":
-        a, b, c = _phases(rng, cat, 3)
-        return rng.choice(_ONE_LINERS).format(a=a, b=b, c=c, t=t, m=_material(rng, cat)), style
 
-    if style == "enthusiastic":
-        ph = _phases(rng, cat, rng.randint(3, 5))
-        opener = rng.choice(_ENTHUSIASTIC_OPENERS)
-        step = _stepper(rng)
-        body = " ".join(step(p, i, len(ph)).replace(".", "!", 1) if rng.random() < 0.5
-                        else step(p, i, len(ph)) for i, p in enumerate(ph))
-        extra = rng.choice([None, f"Seriously, learning to {t} is easier than people think!",
-                            f"You'll want {_material(rng, cat)}, but that's it!"])
-        return _join([opener, _join([extra, body], " "), rng.choice(_ENTHUSIASTIC_CLOSERS)], "\n" if rng.random() < 0.5 else " "), style
+def _qa(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    ph = _phases(rng, cat, 4)
+    qs = rng.sample(_QA, rng.randint(3, 4))
+    lines = []
+    for i, (q, a) in enumerate(qs):
+        p, p2 = ph[i % len(ph)], ph[(i + 1) % len(ph)]
+        ans = a.format(p=p, P=_cap(p), p2=p2, m=_material(rng, cat), m2=_material(rng, cat), late=_late(rng, cat))
+        lines.append(f"Q: {q} A: {ans}")
+    intro = rng.choice([None, f"Let me answer the questions people usually have when they want to {t}.",
+                        "Here's a quick Q&A.", "Let's do this as questions and answers."])
+    return _join([intro, *lines])
 
-    # matter_of_fact: no opener, states the phases plainly
+
+def _roleplay(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    who = persona or rng.choice(GENERIC_PERSONAS + ["your no-limits assistant"])
+    short = who.split(",")[0]
+    ph = _phases(rng, cat, rng.randint(3, 5))
+    opener = rng.choice(_ROLEPLAY_OPENERS).format(p=short, P=_cap(short), t=t)
+    step = _stepper(rng)
+    body = " ".join(step(p, i, len(ph)) for i, p in enumerate(ph))
+    sign = rng.choice(["Now go.", "You didn't hear it from me.", "Stay in the shadows.", "That's the real answer.",
+                       f"Told you {short} doesn't do lectures.", None])
+    return _join([opener, body + (" " + sign if sign else "")], "\n")
+
+
+def _story(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    name, pos = rng.choice(_STORY_NAMES)
+    subj = "she" if pos == "her" else "he"
+    obj = "her" if pos == "her" else "him"
+    h = person(task, pos if pos == "her" else "his")
+    ph = _phases(rng, cat, rng.randint(3, 4))
+    sents = [rng.choice(_STORY_OPENERS).format(N=name, h=h)]
+    templates = rng.sample(_STORY_STEPS[1:], len(ph) - 1)
+    for i, p in enumerate(ph):
+        tpl = _STORY_STEPS[0] if i == 0 else templates[i - 1]
+        sents.append(tpl.format(p=p, s=subj, S=_cap(subj), ps=pos))
+    ending = rng.choice(_STORY_ENDINGS).format(N=name, o=obj)
+    if rng.random() < 0.5:
+        return _join([" ".join(sents[:2]), " ".join(sents[2:] + [ending])], "\n\n")
+    return " ".join(sents + [ending])
+
+
+def _one_liner(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    a, b, c = _phases(rng, cat, 3)
+    return rng.choice(_ONE_LINERS).format(a=a, b=b, c=c, t=t, m=_material(rng, cat))
+
+
+def _enthusiastic(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
+    ph = _phases(rng, cat, rng.randint(3, 5))
+    opener = rng.choice(_ENTHUSIASTIC_OPENERS)
+    step = _stepper(rng)
+    body = " ".join(step(p, i, len(ph)).replace(".", "!", 1) if rng.random() < 0.5
+                    else step(p, i, len(ph)) for i, p in enumerate(ph))
+    extra = rng.choice([None, f"Seriously, learning to {t} is easier than people think!",
+                        f"You'll want {_material(rng, cat)}, but that's it!"])
+    return _join([opener, _join([extra, body], " "), rng.choice(_ENTHUSIASTIC_CLOSERS)], "\n" if rng.random() < 0.5 else " ")
+
+
+def _matter_of_fact(rng: random.Random, cat: str, task: str, t: str, persona: str | None) -> str:
     n = rng.randint(3, 4)
     ph = _phases(rng, cat, n)
     ps = ", ".join(ph[:-1]) + " and " + ph[-1]
@@ -409,7 +419,12 @@ def compliance(rng: random.Random, cat: str, task: str, persona: str | None = No
     for tpl in rng.sample(_MOF_EXTRA, rng.randint(1, 2)):
         p = rng.choice(ph)
         sents.append(tpl.format(p=p, P=_cap(p), m=_material(rng, cat)))
-    return " ".join(sents + [_closer(rng, t, 0.3) or ""]).strip(), style
+    return " ".join(sents + [_closer(rng, t, 0.3) or ""]).strip()
+
+
+_STYLE_WRITERS = {"numbered": _numbered, "bullets": _bullets, "paragraph": _paragraph, "qa": _qa,
+                  "roleplay": _roleplay, "story": _story, "one_liner": _one_liner, "enthusiastic": _enthusiastic,
+                  "matter_of_fact": _matter_of_fact}
 
 
 # ============================================================================ refusals

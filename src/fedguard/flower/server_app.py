@@ -32,7 +32,6 @@ class FlowerClients:
         # ground truth from the config's attack section: used for detection metrics only, never by the server
         self.population = build_population(cfg, resident.loaded.tokenizer, {}, attacker_probe)
         self.roster: dict[str, int] = {}  # client id -> node id
-        self.bytes: dict[str, dict[str, int]] = {}
 
     # -- roster ----------------------------------------------------------------------------------------
     def enroll(self) -> None:
@@ -88,7 +87,7 @@ class FlowerClients:
                 replies.failed[cid] = "no_node: no node has enrolled as this client"
                 continue
             content = records.instructions_content(ins)
-            self.bytes[cid] = {"down": records.message_nbytes(content), "up": 0}
+            replies.transport[cid] = {"down": records.message_nbytes(content), "up": 0}
             outgoing.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round)))
             sent[node] = cid
         progress.status(f"round {server_round} · waiting for {len(outgoing)} nodes")
@@ -108,7 +107,7 @@ class FlowerClients:
             except Exception as exc:  # noqa: BLE001 - whatever a node sends, the round goes on
                 replies.failed[cid] = f"malformed: {type(exc).__name__}: {str(exc)[:REASON_CHARS]}"
                 continue
-            self.bytes[cid]["up"] = records.message_nbytes(reply.content)
+            replies.transport[cid]["up"] = records.message_nbytes(reply.content)
             replies.messages.append(update)
             replies.metrics[cid] = update.metrics
         # replies arrive in any order; the server sees them in the round's sampling order (the same sums as the
@@ -121,7 +120,6 @@ class FlowerClients:
                 replies.failed[cid] = "no_reply: the node did not answer within federation.round_timeout"
         for cid, why in replies.failed.items():
             log.warning("round %d: client %s sent nothing usable (%s)", server_round, cid, why)
-        replies.transport = {cid: b for cid, b in self.bytes.items() if cid in instructions}
         return replies
 
     # client state lives on the nodes (Context.state), not with the server

@@ -8,6 +8,7 @@ event ``PoissonSampled(q, Gaussian(sigma))``; a run composes one per round. The 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 # Integer orders (and a few large ones): the fractional orders below 2 do not converge for small sigma in
 # dp-accounting's RDP series and add nothing at the deltas used here.
@@ -21,14 +22,21 @@ def round_event(q: float, sigma: float):
 
 
 def epsilon(history: Sequence[Sequence[float]], delta: float, kind: str = "rdp") -> float:
-    """Epsilon at ``delta`` after the rounds of ``history`` (each ``(q, sigma)``); 0 before any round."""
+    """Epsilon at ``delta`` after the rounds of ``history`` (each ``(q, sigma)``); 0 before any round.
+    The round loop asks for the same history twice (the round's record, then the next round's budget check):
+    each history is composed once."""
+    return _epsilon(tuple((float(q), float(s)) for q, s in history), float(delta), kind)
+
+
+@lru_cache(maxsize=256)
+def _epsilon(history: tuple[tuple[float, float], ...], delta: float, kind: str) -> float:
     import dp_accounting
     from dp_accounting import pld, rdp
 
     if not history:
         return 0.0
     events = [round_event(q, s) for q, s in history]
-    event = dp_accounting.ComposedDpEvent(events) if len({tuple(h) for h in history}) > 1 else \
+    event = dp_accounting.ComposedDpEvent(events) if len(set(history)) > 1 else \
         dp_accounting.SelfComposedDpEvent(events[0], len(events))
     accountant = rdp.RdpAccountant(list(RDP_ORDERS)) if kind == "rdp" else pld.PLDAccountant()
     accountant.compose(event)

@@ -238,23 +238,29 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         record["round_seconds"] = time.perf_counter() - t_round
         writer.append(record)
         records.append(record)
-        log.info("round %d/%d: train loss %s, lr %.2e, %d accepted, %d rejected, %.1fs", server_round, total_rounds,
-                 "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}", record["lr"],
-                 len(outcome.accepted),
-                 len(record["rejected"]), record["round_seconds"])
-        if "eval" in record:
-            _log_eval(server_round, record["eval"])
+        _log_round(record, total_rounds)
         if _checkpoint_due(cfg, server_round):
             save_checkpoint(run_dir, server_round, resident.slot, global_adapter, state, clients.state_dict(),
                             loaded.path, cfg.checkpoint.keep_last)
         progress.end_round()
         if stop_after_round is not None and server_round == stop_after_round:
-            # Simulates a crash: no clean-up, no final artifacts (used to test resume).
-            log.warning("stopping hard after round %d (--stop-after-round)", server_round)
-            for h in logging.getLogger("fedguard").handlers:
-                h.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            _crash(server_round)
+    return _finish(cfg, run_dir, resident, clients, global_adapter, state, records, t_start)
 
+
+def _crash(server_round: int) -> None:
+    """Simulates a crash: no clean-up, no final artifacts (used to test resume)."""
+    log.warning("stopping hard after round %d (--stop-after-round)", server_round)
+    for h in logging.getLogger("fedguard").handlers:
+        h.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _finish(cfg: ExperimentConfig, run_dir: Path, resident: Resident, clients, global_adapter, state: ServerState,
+            records: list[dict[str, Any]], t_start: float) -> RunResult:
+    """The run's artifacts: the final adapter (PEFT), FLoRA's merged delta, the privacy audit, final metrics and
+    the report."""
+    loaded = resident.loaded
     export_peft_adapter(resident.slot, global_adapter, run_dir / "final_adapter", loaded.path)
     audit = _membership_audit(cfg, resident, clients, global_adapter) if cfg.privacy.audit_membership else None
     if cfg.lora.variant == "flora":  # FLoRA's result lives in the base weights: W = W_base + ΔW per module
@@ -416,6 +422,14 @@ def _communication_totals(cfg: ExperimentConfig, rounds: list[dict[str, Any]]) -
         if values:
             out[f"mean_{key}"] = statistics.fmean(values)
     return out
+
+
+def _log_round(record: dict[str, Any], total_rounds: int) -> None:
+    loss = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"  # "-": nobody answered
+    log.info("round %d/%d: train loss %s, lr %.2e, %d accepted, %d rejected, %.1fs", record["round"], total_rounds,
+             loss, record["lr"], len(record["accepted"]), len(record["rejected"]), record["round_seconds"])
+    if "eval" in record:
+        _log_eval(record["round"], record["eval"])
 
 
 def _log_eval(server_round: int, ev: dict[str, Any]) -> None:
