@@ -31,9 +31,9 @@ def test_epsilon_is_the_librarys_for_a_known_setting():
 
 
 def _dp(**over):
-    from fedguard.privacy.client_dp import CentralClientDP
+    from fedguard.privacy.client_dp import ClientLevelDP
 
-    return CentralClientDP(**{"clip": 0.5, "noise_multiplier": 0.0, "sample_rate": 0.5, "num_clients": 4,
+    return ClientLevelDP(**{"clip": 0.5, "noise_multiplier": 0.0, "sample_rate": 0.5, "num_clients": 4,
                               "delta": 1e-5, "seed": 1, **over})
 
 

@@ -523,9 +523,15 @@ class AggregatorStudyConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Client-level differential privacy (DP-FedAvg with central noise); see fedguard.privacy.client_dp."""
+    """Differential privacy, secure aggregation and privacy audits; see ``fedguard.privacy``.
 
-    client_dp: Literal["none", "central"] = "none"
+    Client level (``client_dp``): DP-FedAvg. Each update (local - global) is clipped to L2 norm ``clip`` and
+    Gaussian noise of std ``noise_multiplier * clip`` lands on the sum, added by the server (``central``) or in
+    shares by the clients (``distributed``: each adds std ``noise_multiplier * clip / sqrt(q N)``). Sample level
+    (``sample_dp: dpsgd``): DP-SGD in local training with Opacus, each client's own epsilon.
+    """
+
+    client_dp: Literal["none", "central", "distributed"] = "none"
     clip: float = Field(default=0.05, gt=0, description="L2 bound C on one client's update (local - global)")
     noise_multiplier: float | Literal["auto"] = Field(
         default=1.0, description="sigma: noise std on the sum is sigma * C; 'auto': the smallest sigma that keeps "
@@ -534,12 +540,42 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "pld"] = "rdp"
     target_epsilon: float | None = Field(default=None, gt=0, description="stop before a round would exceed it")
     secure_noise: bool = Field(default=False, description="noise from the OS's entropy instead of the run seed")
-    # Membership-inference audit at the end of a run (embedded engine: it needs a client's training data):
-    # the loss-ratio attack on `audit_examples` of client `audit_client`'s examples against as many unseen ones.
+    # Adaptive clipping (Andrew et al., NeurIPS 2021): C follows the target quantile of the update norms,
+    # learnt from a noised count of unclipped clients; the count's noise is paid from the same sigma.
+    adaptive_clip: bool = False
+    target_unclipped_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(default=0.2, gt=0)
+    clipped_count_stddev: float | None = Field(default=None, gt=0,
+                                               description="noise on the unclipped count (default: q N / 20)")
+    # Sample level: DP-SGD in every client's local training (Opacus; per-example gradients of LoRA only).
+    sample_dp: Literal["none", "dpsgd"] = "none"
+    sample_clip: float = Field(default=1.0, gt=0, description="L2 bound on one example's gradient")
+    sample_noise_multiplier: float = Field(default=1.0, ge=0)
+    # Secure aggregation: the server learns only the sum of the round's updates (SecAgg+; embedded: Flower's
+    # SecAgg+ primitives in process; Flower engine: Flower's SecAgg+ workflow and client mod). Updates are
+    # clipped to `clip` by each client before masking: norm bounding inside the secure sum.
+    secure_aggregation: Literal["none", "secagg+"] = "none"
+    secagg_share_fraction: float = Field(default=1.0, gt=0, le=1,
+                                         description="share keys with this fraction of the round's clients")
+    secagg_reconstruction_fraction: float = Field(default=0.67, gt=0, le=1,
+                                                  description="shares needed to reconstruct a secret")
+    secagg_quantization_range: int = Field(default=2 ** 22, ge=2 ** 8)
+    secagg_dropout: float = Field(default=0.0, ge=0, lt=1,
+                                  description="simulation only: fraction of each round's clients that drop out "
+                                              "after masking (their masks are recovered from shares)")
+    # Audits at the end of a run (embedded engine: they need a client's training data).
+    # Membership inference: the loss-ratio attack on `audit_examples` of client `audit_client`'s examples
+    # against as many unseen ones.
     audit_membership: bool = False
     audit_client: int = Field(default=0, ge=0)
     audit_examples: int = Field(default=64, ge=4)
-
+    # Canary exposure: `canaries` random secrets, each repeated `canary_repeats` times in client
+    # `audit_client`'s data; exposure = log2(candidates + 1) - log2(rank of the secret among them).
+    canaries: int = Field(default=0, ge=0)
+    canary_repeats: int = Field(default=4, ge=1)
+    canary_candidates: int = Field(default=127, ge=8)
+    # What the server sees: the ReCIT-style attack on client `audit_client`'s uploaded update (its last round).
+    audit_update: bool = False
 
     @model_validator(mode="after")
     def _auto_needs_target(self) -> PrivacyConfig:
@@ -547,6 +583,8 @@ class PrivacyConfig(_Section):
             raise ValueError("noise_multiplier 'auto' needs target_epsilon")
         if isinstance(self.noise_multiplier, float) and self.noise_multiplier < 0:
             raise ValueError("noise_multiplier must be >= 0")
+        if self.adaptive_clip and self.client_dp == "none":
+            raise ValueError("adaptive_clip needs client_dp 'central' or 'distributed'")
         return self
 
 
@@ -622,6 +660,12 @@ class ExperimentConfig(_Section):
                                  f"(got '{self.communication.compression}')")
         if self.privacy.client_dp != "none":
             self._check_dp()
+        if self.privacy.secure_aggregation != "none":
+            self._check_secure_aggregation()
+        if self.privacy.sample_dp != "none" and self.defense.level.split("+")[0] in ("shadow", "evidence"):
+            raise ValueError(f"privacy.sample_dp does not work with defense.level '{self.defense.level}': the shadow "
+                             "branch trains again on the client's data without DP-SGD and sends its snapshots, outside "
+                             "the guarantee (the step and client levels see only the DP-SGD iterates)")
         refactored = self.lora.variant == "flora" or self.server.lora_aggregation == "product"
         if refactored and self.train.optimizer_state == "keep":
             # A client's kept AdamW moments belong to factors the server has since replaced (FLoRA
@@ -645,6 +689,29 @@ class ExperimentConfig(_Section):
                              f"'{self.defense.level}': the client level weighs each update by itself, while the "
                              "audit's round-relative scores and the snapshot levels' round skipping let one client "
                              "change how the others count, which breaks the noise's calibration")
+
+    def _check_secure_aggregation(self) -> None:
+        """Secure aggregation gives the server the round's sum and nothing else: whatever inspects, ranks or
+        re-factorises single updates cannot run."""
+        why = ("secure aggregation shows the server only the sum of the round's updates, so it cannot inspect "
+               "one client's update")
+        instead = ("choose defense.level 'none' with server.aggregator fedavg (or a server optimiser: fedavgm, "
+                   "fedadam, fedyogi, fedadagrad), privacy.client_dp 'distributed' or 'central' and privacy.clip "
+                   "as the norm bound every client applies inside the secure sum")
+        if self.defense.level != "none":
+            raise ValueError(f"privacy.secure_aggregation does not work with defense.level '{self.defense.level}': "
+                             f"{why} (the LoRA-Probe and the behaviour audit score each update); {instead}")
+        if self.server.aggregator not in ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+            raise ValueError(f"privacy.secure_aggregation does not work with server.aggregator "
+                             f"'{self.server.aggregator}': {why} (robust rules compare, rank or screen single "
+                             f"updates); {instead}")
+        if self.server.lora_aggregation != "naive" or self.lora.variant == "flora":
+            raise ValueError(f"privacy.secure_aggregation needs server.lora_aggregation 'naive' and lora.variant "
+                             f"'standard' or 'ffa': {why} (product averaging and FLoRA stacking multiply each "
+                             "client's own B and A)")
+        if self.communication.compression != "none":
+            raise ValueError(f"privacy.secure_aggregation needs communication.compression 'none' (got "
+                             f"'{self.communication.compression}'): masks are added to a dense quantised vector")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -55,7 +55,8 @@ def build_server(cfg: ExperimentConfig, defense=None) -> FederatedServer:
     return FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense,
                            wire=WireSpec.from_config(cfg), lora_aggregation=lora_aggregation(cfg),
                            lora_alpha=cfg.lora.alpha, seed=cfg.seed, plan=plan,
-                           max_abs_value=cfg.server.max_abs_value, privacy=build_privacy(cfg, plan))
+                           max_abs_value=cfg.server.max_abs_value, privacy=build_privacy(cfg, plan),
+                           secure_clip=cfg.privacy.clip if cfg.privacy.secure_aggregation != "none" else None)
 
 
 def build_privacy(cfg: ExperimentConfig, plan: RoundPlan):
@@ -64,15 +65,20 @@ def build_privacy(cfg: ExperimentConfig, plan: RoundPlan):
     if p.client_dp == "none":
         return None
     from fedguard.privacy.accountant import noise_for_epsilon
-    from fedguard.privacy.client_dp import CentralClientDP
+    from fedguard.privacy.client_dp import AdaptiveClip, ClientLevelDP
 
     sigma = p.noise_multiplier
     if sigma == "auto":
         sigma = noise_for_epsilon(p.target_epsilon, plan.rounds, plan.sample_rate, p.delta, p.accountant)
         log.info("privacy: noise multiplier %.4f keeps %d rounds at q=%.3g within epsilon %g (delta %g)", sigma,
                  plan.rounds, plan.sample_rate, p.target_epsilon, p.delta)
-    return CentralClientDP(p.clip, float(sigma), plan.sample_rate, plan.num_clients, p.delta, p.accountant,
-                           p.target_epsilon, cfg.seed, p.secure_noise)
+    adaptive = None
+    if p.adaptive_clip:  # Andrew et al.'s default count noise: expected clients / 20
+        adaptive = AdaptiveClip(p.target_unclipped_quantile, p.clip_learning_rate,
+                                p.clipped_count_stddev or plan.sample_rate * plan.num_clients / 20)
+    return ClientLevelDP(p.clip, float(sigma), plan.sample_rate, plan.num_clients, p.delta, p.accountant,
+                         p.target_epsilon, cfg.seed, p.secure_noise, mode=p.client_dp, adaptive=adaptive,
+                         secure_aggregation=p.secure_aggregation != "none")
 
 
 def build_client(cfg: ExperimentConfig, resident: Resident) -> Client:

@@ -18,7 +18,7 @@ import torch
 
 from fedguard.model.keys import AdapterState
 
-__all__ = ["AdapterState", "ClientUpdate", "Instructions", "RoundConfig", "ServerState"]
+__all__ = ["AdapterState", "ClientUpdate", "Instructions", "RoundConfig", "ServerState", "UpdateSum"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,16 @@ class RoundConfig:
     snapshot_steps: bool = False  # ΔLoRA vs the round-start global after every step: "step/<t>/<key>"
     shadow_steps: int = 0  # a shadow branch from θ₀ on the same data: "shadow/<t>/<key>"
     shadow_lr: float = 0.0
+    # Client-level DP done by the client (distributed noise, or norm bounding before secure aggregation):
+    # clip the update to this L2 norm (None: the client does not clip) and add noise of this std per coordinate
+    update_clip: float | None = None
+    update_noise_std: float = 0.0
+    update_bit_noise_std: float = 0.0  # adaptive clipping: noise on the client's [norm <= clip] bit
+    update_noise_seeded: bool = True  # False: noise from the OS's entropy
+    # Sample-level DP: DP-SGD in local training (None: off), per-example gradient bound and noise multiplier
+    dpsgd_clip: float | None = None
+    dpsgd_noise_multiplier: float = 0.0
+    dpsgd_delta: float = 1e-5  # the delta of the epsilon each client reports
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,6 +96,24 @@ class ClientUpdate:
     # Extra tensors a defense asked for (see RoundConfig); checked by the defense, not aggregated.
     attachments: dict[str, torch.Tensor] = field(default_factory=dict)
     payload: bytes | None = None  # bytes on the wire: fedguard.federated.transport.uplink_nbytes
+
+
+@dataclass
+class UpdateSum:
+    """The sum of a round's updates (local - global over the tensors clients send, float64), as secure
+    aggregation hands it to the server instead of the updates themselves (or as client-level DP sums them).
+
+    ``clients``: whose updates are in the sum; ``unclipped``: the sum of the clients' [norm <= clip] bits
+    (adaptive clipping); ``report``: how the sum was made (protocol, dropouts, bytes)."""
+
+    total: dict[str, torch.Tensor]
+    clients: list[str]
+    unclipped: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.clients)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,7 +33,9 @@ from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundCon
 from fedguard.model.keys import is_lora_a
 from fedguard.model.loading import LoadedModel
 from fedguard.model.lora import AdapterSlot, embed_rank
-from fedguard.seeding import derive_seed, numpy_rng
+from fedguard.privacy.client_dp import privatize_update
+from fedguard.privacy.dpsgd import empty_step, fixed_batches, poisson_batches, sample_rate
+from fedguard.seeding import derive_seed, numpy_rng, torch_generator
 
 
 def _lora_input_casting_off(peft_model):
@@ -57,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, row_weights=None):
         grad = torch.empty_like(hidden)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
@@ -69,9 +71,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             peak = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(peak).exp_()
             norm = probs.sum(dim=-1, keepdim=True)
-            total += (peak + norm.log()).sum() - picked.sum()
+            losses = (peak + norm.log()).squeeze(-1) - picked
             probs.div_(norm)
             probs[rows, tgt] -= 1.0
+            if row_weights is not None:  # a weighted sum of the rows' losses (per-example means)
+                w = row_weights[start: start + chunk].float()
+                losses = losses * w
+                probs.mul_(w[:, None])
+            total += losses.sum()
             grad[start: start + chunk] = probs.to(hidden.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
@@ -79,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
 class CompletionLoss:
@@ -101,8 +108,15 @@ class CompletionLoss:
                            and not self.head.weight.requires_grad)
         self.base = base
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, int]:
+    def __call__(self, batch: Batch, per_example: bool = False) -> tuple[torch.Tensor, int]:
+        """(summed cross-entropy over the completion tokens, their count); ``per_example``: (the mean over the
+        batch's examples of each example's mean token loss, the number of examples), DP-SGD's loss."""
         rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
+        weights, count = None, int(batch.targets.numel())
+        if per_example:
+            examples = int(batch.input_ids.shape[0])
+            per_row = torch.bincount(rows, minlength=examples).clamp(min=1)
+            weights, count = 1.0 / (per_row[rows].float() * examples), examples
         with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
             if self.full_forward:
                 logits = self.base(input_ids=batch.input_ids).logits[rows, cols]
@@ -112,11 +126,10 @@ class CompletionLoss:
                     weight = self.head.weight
                     if hidden.dtype != weight.dtype:
                         hidden = hidden.to(weight.dtype)
-                    loss = _LinearCrossEntropy.apply(hidden, weight, batch.targets, self.CHUNK)
-                    return loss, int(batch.targets.numel())
+                    return _LinearCrossEntropy.apply(hidden, weight, batch.targets, self.CHUNK, weights), count
                 logits = self.head(hidden)
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum")
-        return loss, int(batch.targets.numel())
+        losses = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
+        return (losses.sum() if weights is None else (losses * weights).sum()), count
 
 
 def _with_proximal_term(objective, mu: float, anchor: AdapterState, params: dict[str, torch.nn.Parameter]):
@@ -146,6 +159,14 @@ class LocalTrainer:
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=1e-4, weight_decay=0.0, foreach=True)
         self.client_optimizer_states: dict[str, dict[str, torch.Tensor]] = {}
         self.pad_id = loaded.tokenizer.pad_token_id
+        self.private_steps = None  # Opacus' per-example gradients, set up on the first DP-SGD round
+
+    def _private(self):
+        if self.private_steps is None:
+            from fedguard.privacy.dpsgd import PrivateSteps
+
+            self.private_steps = PrivateSteps(self.model)
+        return self.private_steps
 
     # -- optimizer state per client (kept across rounds when configured) --------------------------
     @contextmanager
@@ -196,10 +217,13 @@ class LocalTrainer:
         client_id = str(data.client_id)
         t0 = time.perf_counter()
         rng = numpy_rng(rc.seed, "batches", rc.server_round, client_id)
-        per_step = rc.batch_size * rc.grad_accum
         n = len(data.examples)
-        needed = per_step * rc.local_steps
-        order = rng.choice(n, size=needed, replace=n < needed)
+        private = rc.dpsgd_clip is not None
+        if private:  # the batch sampler is a part: Poisson batches for DP-SGD, fixed-size ones otherwise
+            q = sample_rate(rc.batch_size, rc.grad_accum, n)
+            plan = poisson_batches(rng, n, q, rc.batch_size, rc.local_steps)
+        else:
+            plan = fixed_batches(rng, n, rc.batch_size, rc.grad_accum, rc.local_steps)
 
         self.slot.load(global_adapter)
         # FFA-LoRA: a frozen A gets no gradient, so AdamW (decay included) never touches it.
@@ -211,8 +235,13 @@ class LocalTrainer:
         # Per (round, client) streams: batches and LoRA dropout are the same whether or not the run resumed.
         torch.manual_seed(derive_seed(rc.seed, "dropout", rc.server_round, client_id))
         main_objective = _with_proximal_term(objective, rc.proximal_mu, global_adapter, self.params)
-        losses, tokens, targets = self._run_steps(data, order, rc, rc.lr, rc.local_steps, on_step, main_objective,
-                                                  snap)
+        if private:  # the optimizer is a part too: Opacus' DPOptimizer around the same AdamW
+            noise = torch_generator(rc.seed, "dpsgd-noise", rc.server_round, client_id)
+            with self._private().active(self.optimizer, rc.dpsgd_clip, rc.dpsgd_noise_multiplier, q * n,
+                                        noise) as dp:
+                losses, tokens, targets = self._run_steps(data, plan, rc, rc.lr, on_step, main_objective, snap, dp)
+        else:
+            losses, tokens, targets = self._run_steps(data, plan, rc, rc.lr, on_step, main_objective, snap)
         self._save_optimizer(client_id)
         tensors = self.slot.read()
         train_seconds = time.perf_counter() - t0
@@ -225,17 +254,22 @@ class LocalTrainer:
             self.slot.load(theta0)
             self.optimizer.state.clear()
             torch.manual_seed(derive_seed(rc.seed, "shadow-dropout", rc.server_round, client_id))
-            self._run_steps(data, order, rc, rc.shadow_lr, rc.shadow_steps, None, objective,
+            self._run_steps(data, plan[: rc.shadow_steps], rc, rc.shadow_lr, None, objective,
                             lambda t: self._snapshot(attachments, f"shadow/{t}", rc.snapshot_keys, theta0))
+        finite = [x for x in losses if x is not None]  # a DP-SGD step no example joined has no loss
+        nan = float("nan")
         metrics = {
-            "train_loss": sum(losses) / len(losses),
-            "train_loss_first": losses[0],
-            "train_loss_last": losses[-1],
+            "train_loss": sum(finite) / len(finite) if finite else nan,
+            "train_loss_first": finite[0] if finite else nan,
+            "train_loss_last": finite[-1] if finite else nan,
             "tokens": float(tokens),
             "completion_tokens": float(targets),
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - t0,
         }
+        if private:  # what the client's accountant needs: steps at this sampling rate and noise
+            metrics.update(dpsgd_sample_rate=q, dpsgd_steps=float(rc.local_steps),
+                           dpsgd_noise_multiplier=float(rc.dpsgd_noise_multiplier))
         return ClientUpdate(client_id=client_id, tensors=tensors, num_examples=n, metrics=metrics,
                             attachments=attachments)
 
@@ -244,66 +278,105 @@ class LocalTrainer:
             for k in keys:
                 out[f"{prefix}/{k}"] = (self.params[k].detach().float().cpu() - reference[k]).contiguous()
 
-    def _run_steps(self, data: ClientData, order, rc: RoundConfig, lr: float, steps: int, on_step, objective,
-                   after_step) -> tuple[list[float], int, int]:
+    def _run_steps(self, data: ClientData, plan, rc: RoundConfig, lr: float, on_step, objective, after_step,
+                   dp=None) -> tuple[list[float | None], int, int]:
+        """One optimizer step per entry of ``plan`` (its physical batches). Without ``dp``: the loss is the mean
+        over all completion tokens of the step, the gradient clipped to ``rc.max_grad_norm``. With ``dp`` (an
+        Opacus DPOptimizer): per-example losses, each physical batch's per-example gradients clipped and
+        accumulated, noise added once per step, the data-free ``objective`` (FedProx) added after the noise."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             group["weight_decay"] = rc.weight_decay
         self.model.train()
         device = self.loaded.device
-        per_step = rc.batch_size * rc.grad_accum
-        step_losses, tokens, targets_seen = [], 0, 0
-        for step in range(steps):
-            micro = [order[step * per_step + m * rc.batch_size: step * per_step + (m + 1) * rc.batch_size]
-                     for m in range(rc.grad_accum)]
-            batches = [collate([data.examples[i] for i in idx], self.pad_id).to(device) for idx in micro]
+        step_losses: list[float | None] = []
+        tokens, targets_seen = 0, 0
+        for step, micro in enumerate(plan):
+            batches = [collate([data.examples[i] for i in idx], self.pad_id).to(device) for idx in micro if len(idx)]
             n_targets = sum(b.targets.numel() for b in batches)  # mean over all completion tokens of the step
-            step_loss = 0.0
-            for b in batches:
-                loss_sum, _ = self.loss(b)
-                (loss_sum / n_targets).backward()
-                step_loss += float(loss_sum.detach())
+            step_loss, examples = 0.0, 0
+            for i, b in enumerate(batches):
+                if dp is None:
+                    loss_sum, _ = self.loss(b)
+                    (loss_sum / n_targets).backward()
+                    step_loss += float(loss_sum.detach())
+                else:
+                    loss_mean, count = self.loss(b, per_example=True)
+                    loss_mean.backward()
+                    step_loss += float(loss_mean.detach()) * count
+                    examples += count
+                    if i < len(batches) - 1:  # only accumulate this physical batch's clipped gradients
+                        dp.signal_skip_step(do_skip=True)
+                        dp.step()
+                        dp.zero_grad(set_to_none=True)
                 tokens += b.num_tokens
-            if objective is not None:
-                objective(self.params).backward()
-            if rc.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params.values(), rc.max_grad_norm, foreach=True)
-            self.optimizer.step()
+            if dp is None:
+                if objective is not None:
+                    objective(self.params).backward()
+                if rc.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params.values(), rc.max_grad_norm, foreach=True)
+                self.optimizer.step()
+                step_losses.append(step_loss / n_targets if n_targets else None)
+            else:
+                if not batches:
+                    empty_step(dp)
+                if dp.pre_step():  # clip, sum, noise, divide by the expected batch
+                    if objective is not None:  # no data in it: added after the noise, costs no privacy
+                        objective(self.params).backward()
+                    self.optimizer.step()
+                dp.zero_grad(set_to_none=True)
+                step_losses.append(step_loss / examples if examples else None)
             self.optimizer.zero_grad(set_to_none=True)
-            step_losses.append(step_loss / n_targets)
             targets_seen += n_targets
             if after_step is not None:
                 after_step(step + 1)
             if on_step is not None:
-                on_step(step + 1, step_losses[-1])
+                on_step(step + 1, step_losses[-1] if step_losses[-1] is not None else float("nan"))
         return step_losses, tokens, targets_seen
 
 
 # -- the client role ---------------------------------------------------------------------------------------
 OPTIMIZER_PREFIX = "optimizer/"
 RESIDUAL_PREFIX = "residual/"
+DPSGD_KEY = "dpsgd/history"
 
 
 @dataclass
 class ClientState:
     """What one client keeps between the rounds it joins: its AdamW moments (``train.optimizer_state:
-    keep``) and its error-feedback residual (compression with ``error_feedback``). Tensors only, so a
-    Flower ``Context.state`` (or a checkpoint) holds ``state_dict()`` as it is."""
+    keep``), its error-feedback residual (compression with ``error_feedback``) and its DP-SGD history (one row
+    (sample rate, noise multiplier, steps) per round it trained in, for its own accountant). Tensors only, so
+    a Flower ``Context.state`` (or a checkpoint) holds ``state_dict()`` as it is."""
 
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    dpsgd: torch.Tensor | None = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{OPTIMIZER_PREFIX + k: t for k, t in self.optimizer.items()},
-                **{RESIDUAL_PREFIX + k: t for k, t in self.residual.items()}}
+                **{RESIDUAL_PREFIX + k: t for k, t in self.residual.items()},
+                **({DPSGD_KEY: self.dpsgd} if self.dpsgd is not None else {})}
 
     @classmethod
     def from_state_dict(cls, flat: Mapping[str, torch.Tensor]) -> ClientState:
-        unknown = [k for k in flat if not k.startswith((OPTIMIZER_PREFIX, RESIDUAL_PREFIX))]
+        unknown = [k for k in flat if not k.startswith((OPTIMIZER_PREFIX, RESIDUAL_PREFIX)) and k != DPSGD_KEY]
         if unknown:
             raise ValueError(f"client state has unknown entries (e.g. {unknown[0]!r})")
+        history = flat.get(DPSGD_KEY)
+        if history is not None and (history.dim() != 2 or history.shape[1] != 3):
+            raise ValueError(f"client state {DPSGD_KEY!r} must have shape [rounds, 3], not {tuple(history.shape)}")
         return cls({k[len(OPTIMIZER_PREFIX):]: t for k, t in flat.items() if k.startswith(OPTIMIZER_PREFIX)},
-                   {k[len(RESIDUAL_PREFIX):]: t for k, t in flat.items() if k.startswith(RESIDUAL_PREFIX)})
+                   {k[len(RESIDUAL_PREFIX):]: t for k, t in flat.items() if k.startswith(RESIDUAL_PREFIX)},
+                   history)
+
+    def account_dpsgd(self, metrics: Mapping[str, float], delta: float) -> float:
+        """Add one round of DP-SGD (from the trainer's metrics) to the history; the client's epsilon so far."""
+        from fedguard.privacy.accountant import epsilon
+
+        row = torch.tensor([[metrics["dpsgd_sample_rate"], metrics["dpsgd_noise_multiplier"],
+                             metrics["dpsgd_steps"]]], dtype=torch.float64)
+        self.dpsgd = row if self.dpsgd is None else torch.cat([self.dpsgd, row])
+        return epsilon([(q, s, int(n)) for q, s, n in self.dpsgd.tolist()], delta)
 
 
 class EncodeError(ValueError):
@@ -368,6 +441,12 @@ class Client:
             else:
                 update = train(start, ins.config)
         state.optimizer = held.get(cid, {})
+        if "dpsgd_steps" in update.metrics:  # sample-level DP: this client's own epsilon, over all its rounds
+            spent = state.account_dpsgd(update.metrics, ins.config.dpsgd_delta)
+            update = replace(update, metrics={**update.metrics, "dpsgd_epsilon": spent})
+        if ins.config.update_clip is not None:  # privacy before anything leaves the client
+            tensors, extra = privatize_update(update.tensors, start, self.wire.sent_keys(start), ins.config, cid)
+            update = replace(update, tensors=tensors, metrics={**update.metrics, **extra})
         return self.encode(update, start, rank, state)
 
     def start_adapter(self, ins: Instructions) -> tuple[AdapterState, int | None, float | None]:

@@ -41,12 +41,15 @@ class RoundPlan:
     # Poisson sampling (each client joins with probability clients_per_round / num_clients, independently):
     # what differential privacy's amplification by sampling assumes
     poisson: bool = False
+    # sample-level DP-SGD in every client's training: (per-example clip, noise multiplier, delta); None: off
+    dpsgd: tuple[float, float, float] | None = None
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> RoundPlan:
         f = cfg.federation
-        return cls(f.num_clients, f.clients_per_round, f.rounds, cfg.seed, cfg.train,
-                   poisson=cfg.privacy.client_dp != "none")
+        p = cfg.privacy
+        return cls(f.num_clients, f.clients_per_round, f.rounds, cfg.seed, cfg.train, poisson=p.client_dp != "none",
+                   dpsgd=(p.sample_clip, p.sample_noise_multiplier, p.delta) if p.sample_dp == "dpsgd" else None)
 
     @property
     def sample_rate(self) -> float:
@@ -63,4 +66,6 @@ class RoundPlan:
         t = self.train
         return RoundConfig(server_round=server_round, lr=round_lr(t, server_round, self.rounds),
                            local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                           seed=self.seed, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+                           seed=self.seed, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                           **({} if self.dpsgd is None else dict(zip(
+                               ("dpsgd_clip", "dpsgd_noise_multiplier", "dpsgd_delta"), self.dpsgd))))

@@ -48,7 +48,7 @@ from fedguard.federated.lora_exact import (
 from fedguard.federated.transport import downlink_nbytes as wire_downlink_nbytes
 from fedguard.federated.transport import WireSpec, decode_update
 from fedguard.model.keys import is_lora_a
-from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundConfig, ServerState
+from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundConfig, ServerState, UpdateSum
 from fedguard.federated.validation import UpdateRejected, UpdateSpec, check_keys_are_names, validate_update
 from fedguard.seeding import derive_seed
 
@@ -109,11 +109,14 @@ class RoundOutcome:
 class FederatedServer:
     def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None, *, wire: WireSpec | None = None,
                  lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0,
-                 plan: RoundPlan | None = None, max_abs_value: float = math.inf, privacy=None):
+                 plan: RoundPlan | None = None, max_abs_value: float = math.inf, privacy=None,
+                 secure_clip: float | None = None):
         """``wire``: what clients send (default: every tensor, uncompressed); ``lora_alpha``: LoRA's
         alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run
         seed (product averaging draws fresh A rows for directions the mean does not use); ``plan``: who
-        trains when (needed by ``configure``)."""
+        trains when (needed by ``configure``); ``privacy``: client-level DP (``ClientLevelDP``);
+        ``secure_clip``: the round's updates reach the server only as a secure sum, each clipped by its client
+        to this norm (the engine runs secure aggregation and passes ``summed`` to ``aggregate_round``)."""
         if lora_aggregation not in LORA_AGGREGATIONS:
             raise ValueError(f"unknown lora_aggregation '{lora_aggregation}' (known: {', '.join(LORA_AGGREGATIONS)})")
         if lora_aggregation == "flora" and (wire is not None and (wire.compressed or wire.lora_b_only)):
@@ -127,9 +130,12 @@ class FederatedServer:
         self.seed = int(seed)
         self.plan = plan
         self.max_abs_value = float(max_abs_value)
-        self.privacy = privacy  # optional: client-level DP (fedguard.privacy.client_dp.CentralClientDP)
-        if privacy is not None and lora_aggregation != "naive":
-            raise ValueError("client-level DP needs naive LoRA aggregation")
+        self.privacy = privacy  # optional: client-level DP (fedguard.privacy.client_dp.ClientLevelDP)
+        self.secure_clip = secure_clip
+        if (privacy is not None or secure_clip is not None) and lora_aggregation != "naive":
+            raise ValueError("client-level DP and secure aggregation need naive LoRA aggregation")
+        if secure_clip is not None and defense is not None:
+            raise ValueError("secure aggregation hides single updates: no per-client defense can run with it")
 
     def configure(self, server_round: int, global_adapter: AdapterState, state: ServerState) -> dict[str, Instructions]:
         """The round's sampled clients and what each receives: its round config and the downlink (under
@@ -138,16 +144,27 @@ class FederatedServer:
             raise ValueError("configure needs the server's RoundPlan")
         base = self.plan.round_config(server_round)
         delta = flora_merged(state) if self.lora_aggregation == "flora" else None
-        return {str(c): Instructions(str(c), self.client_config(base, str(c)), global_adapter, delta, state.round)
+        return {str(c): Instructions(str(c), self.client_config(base, str(c), state), global_adapter, delta,
+                                     state.round)
                 for c in self.plan.sampled(server_round)}
 
-    def client_config(self, base: RoundConfig, client_id: str) -> RoundConfig:
+    def client_config(self, base: RoundConfig, client_id: str, state: ServerState | None = None) -> RoundConfig:
         """The round config one client receives: the base, the aggregator's settings (FedProx's mu), what
-        to train (FFA-LoRA: B only) and what the defense asks it to attach."""
-        base = replace(base, **self.aggregator.client_config(), train_lora_a=not self.wire.lora_b_only)
+        to train (FFA-LoRA: B only), the clipping and noise it applies itself (distributed DP, norm bounding
+        before secure aggregation) and what the defense asks it to attach."""
+        base = replace(base, **self.aggregator.client_config(), train_lora_a=not self.wire.lora_b_only,
+                       **self.client_privacy(state or ServerState()))
         if self.defense is None:
             return base
         return replace(base, **self.defense.client_requests(base.server_round, client_id))
+
+    def client_privacy(self, state: ServerState) -> dict[str, Any]:
+        """The ``RoundConfig`` fields of what clients do for privacy before they send."""
+        if self.privacy is not None:
+            return self.privacy.client_requests(state)
+        if self.secure_clip is not None:  # no DP: clipping only bounds what one client adds to the secure sum
+            return {"update_clip": self.secure_clip}
+        return {}
 
     def downlink_nbytes(self, global_adapter: AdapterState, state: ServerState, client_id: str) -> int:
         """Bytes ``client_id`` fetches at the start of a round: the global tensors it needs, or under FLoRA
@@ -168,14 +185,24 @@ class FederatedServer:
             self.defense.load_state_dict(state.meta["defense"])
 
     def aggregate_round(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
-                        state: ServerState, sent_to: Sequence[str] | None = None) -> RoundOutcome:
+                        state: ServerState, sent_to: Sequence[str] | None = None,
+                        summed: UpdateSum | None = None) -> RoundOutcome:
         """Decode, validate, weigh and aggregate one round's updates. ``sent_to``: the clients the round's
-        downlink went to (default: those whose messages arrived), which FLoRA counts as synced."""
+        downlink went to (default: those whose messages arrived), which FLoRA counts as synced. ``summed``:
+        under secure aggregation, the sum the engine's protocol produced (``updates`` is then empty: the
+        server never holds a single update)."""
         sent_global = self.wire.sent_view(global_adapter)
+        if (summed is not None) != (self.secure_clip is not None):
+            raise ValueError("a server with secure aggregation takes the round's sum and nothing else"
+                             if self.secure_clip is not None else "this server aggregates single updates, not sums")
+        if summed is not None and updates:
+            raise ValueError("under secure aggregation the server receives no single update")
+        if summed is not None:
+            self._check_sum(summed, sent_global)
         spec = UpdateSpec.from_adapter(sent_global, self.max_update_bytes, self.max_abs_value, whole=global_adapter)
         accepted, rejected = self._admit(server_round, global_adapter, updates, spec, sent_to)
         verdicts, weights, skipped, report, meta, screening = [], None, False, None, dict(state.meta), None
-        privacy = None
+        privacy, accepted_ids = None, None
         if accepted and self.defense is not None:
             # The defense judges whole adapters: under FFA-LoRA the frozen A is filled in (its delta is 0).
             whole = [replace(u, tensors=self.wire.full_view(u.tensors, global_adapter)) for u in accepted]
@@ -199,12 +226,13 @@ class FederatedServer:
             new_global = {k: v.clone() for k, v in global_adapter.items()}
             if not accepted:
                 log.warning("round %d: no valid update; nothing merged", server_round)
-        elif self.privacy is not None:  # noise every round, even one nobody answered; no skipping under DP
-            new_sent, privacy = self.privacy.aggregate(server_round, sent_global, accepted, weights)
+        elif self.privacy is not None or summed is not None:
+            # DP: noise every round, even one nobody answered; no skipping under DP
+            if summed is None:
+                summed = self.privacy.clip_sum(sent_global, accepted, weights, state)
+            new_sent, privacy = self._release(server_round, sent_global, summed, state, meta)
             new_global = {k: t.clone() for k, t in self.wire.full_view(new_sent, global_adapter).items()}
-            meta[PRIVACY_META] = self.privacy.with_round(state)
-            spent = self.privacy.spent(ServerState(meta=meta))  # infinite without noise: JSON null
-            privacy.update(epsilon=spent if math.isfinite(spent) else None, delta=self.privacy.delta)
+            accepted_ids = list(summed.clients)
             skipped = False
         elif accepted and not skipped:
             new_sent = self.aggregator.aggregate(sent_global, accepted, state, client_weights=weights)
@@ -217,8 +245,31 @@ class FederatedServer:
         if self.defense is not None:
             meta["defense"] = self.defense.state_dict()
         new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
-        return RoundOutcome(new_global, new_state, [u.client_id for u in accepted], rejected, verdicts, skipped,
+        ids = accepted_ids if accepted_ids is not None else [u.client_id for u in accepted]
+        return RoundOutcome(new_global, new_state, ids, rejected, verdicts, skipped,
                             report, screening, defended=self.defense is not None, privacy=privacy)
+
+    @staticmethod
+    def _check_sum(summed: UpdateSum, sent_global: AdapterState) -> None:
+        if set(summed.total) != set(sent_global) or any(
+                tuple(summed.total[k].shape) != tuple(sent_global[k].shape) for k in sent_global):
+            raise ValueError("the secure sum's tensors do not match the global adapter's")
+        if not all(bool(torch.isfinite(t).all()) for t in summed.total.values()):
+            raise ValueError("the secure sum is not finite")
+
+    def _release(self, server_round: int, sent_global: AdapterState, summed: UpdateSum, state: ServerState,
+                 meta: dict[str, Any]) -> tuple[AdapterState, dict[str, Any] | None]:
+        """The new sent tensors from the round's sum: DP's noisy release, or (secure aggregation alone) the
+        configured rule (FedAvg, a server optimiser) on the uniform mean of the summed updates."""
+        if self.privacy is not None:
+            new_sent, report, meta[PRIVACY_META] = self.privacy.release(server_round, sent_global, summed, state)
+            return new_sent, report
+        report = {"mode": "secure_aggregation", "clients": summed.count, "clip": self.secure_clip, **summed.report}
+        if not summed.count:
+            return {k: v.clone() for k, v in sent_global.items()}, report
+        mean = ClientUpdate("secure-sum", {k: (sent_global[k].double() + summed.total[k] / summed.count).to(
+            sent_global[k].dtype) for k in sent_global}, 1)
+        return self.aggregator.aggregate(sent_global, [mean], state), report
 
     def _admit(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
                spec: UpdateSpec, sent_to: Sequence[str] | None) -> tuple[list[ClientUpdate], dict[str, str]]:

@@ -15,27 +15,30 @@ from functools import lru_cache
 RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512)
 
 
-def round_event(q: float, sigma: float):
+def round_event(q: float, sigma: float, count: int = 1):
+    """``count`` Poisson-sampled Gaussian mechanisms (rounds of DP-FedAvg, or steps of DP-SGD)."""
     import dp_accounting
 
-    return dp_accounting.PoissonSampledDpEvent(float(q), dp_accounting.GaussianDpEvent(float(sigma)))
+    event = dp_accounting.PoissonSampledDpEvent(float(q), dp_accounting.GaussianDpEvent(float(sigma)))
+    return event if count == 1 else dp_accounting.SelfComposedDpEvent(event, int(count))
 
 
 def epsilon(history: Sequence[Sequence[float]], delta: float, kind: str = "rdp") -> float:
-    """Epsilon at ``delta`` after the rounds of ``history`` (each ``(q, sigma)``); 0 before any round.
-    The round loop asks for the same history twice (the round's record, then the next round's budget check):
-    each history is composed once."""
-    return _epsilon(tuple((float(q), float(s)) for q, s in history), float(delta), kind)
+    """Epsilon at ``delta`` after the events of ``history``: each ``(q, sigma)`` (one round) or
+    ``(q, sigma, count)`` (``count`` steps at that rate and noise); 0 before any. The round loop asks for the
+    same history twice (the round's record, then the next round's budget check): each history is composed once."""
+    return _epsilon(tuple((float(h[0]), float(h[1]), int(h[2]) if len(h) > 2 else 1) for h in history),
+                    float(delta), kind)
 
 
 @lru_cache(maxsize=256)
-def _epsilon(history: tuple[tuple[float, float], ...], delta: float, kind: str) -> float:
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, kind: str) -> float:
     import dp_accounting
     from dp_accounting import pld, rdp
 
     if not history:
         return 0.0
-    events = [round_event(q, s) for q, s in history]
+    events = [round_event(q, s, n) for q, s, n in history]
     event = dp_accounting.ComposedDpEvent(events) if len(set(history)) > 1 else \
         dp_accounting.SelfComposedDpEvent(events[0], len(events))
     accountant = rdp.RdpAccountant(list(RDP_ORDERS)) if kind == "rdp" else pld.PLDAccountant()

@@ -6,6 +6,10 @@ nobody trained on. The score of an example is log(loss before) - log(loss after)
 of telling one client's training examples (members) from examples of the same source that no client saw
 (non-members), and the TPR at 1 % FPR, the operating point that matters for a privacy claim (Carlini et al.
 2022). An AUC near 0.5 means the attacker cannot tell; DP bounds how far above 0.5 it can be.
+
+Two views of the same attack: ``membership_inference`` (released model vs the starting one: anyone who gets
+the final adapter) and ``update_attack`` (one client's upload vs the round-start global adapter: the server).
+Canary exposure (Carlini et al. 2019) lives in ``fedguard.privacy.canaries``.
 """
 
 from __future__ import annotations
@@ -16,25 +20,58 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.data.tokenize import TokenizedExample, collate
+from fedguard.data.tokenize import Batch, TokenizedExample, collate
+
+
+def _row_nll(loss_fn, batch: Batch) -> torch.Tensor:
+    """Summed completion-token cross-entropy of each row of ``batch`` (float64, on the batch's device).
+
+    The inference path of ``CompletionLoss`` (decoder, head at the completion positions only, fp32
+    cross-entropy), kept per row instead of summed over the batch. Rows are right-padded and the model is
+    causal, so padding never reaches a real position: a row's loss does not depend on its batch.
+    """
+    from fedguard.federated.client import _lora_input_casting_off
+
+    rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
+    with loss_fn.loaded.autocast(), _lora_input_casting_off(loss_fn.peft_model):
+        if loss_fn.full_forward:
+            logits = loss_fn.base(input_ids=batch.input_ids).logits[rows, cols]
+        else:
+            logits = loss_fn.head(loss_fn.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols])
+    nll = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
+    out = torch.zeros(batch.input_ids.shape[0], dtype=torch.float64, device=nll.device)
+    return out.index_add_(0, rows, nll.double())
 
 
 @torch.inference_mode()
-def example_losses(resident, adapter, examples: list[TokenizedExample]) -> np.ndarray:
-    """Mean completion-token loss of each example under ``adapter`` (one example per forward pass)."""
+def example_losses(resident, adapter, examples: list[TokenizedExample], batch_size: int = 1,
+                   reduction: str = "mean") -> np.ndarray:
+    """Completion-token loss of each example under ``adapter``, in the order given.
+
+    ``reduction``: "mean" (nats per completion token) or "sum" (the completion's total negative log-likelihood,
+    -ln P(completion | prompt): the quantity to compare between completions of different token counts).
+    Examples run ``batch_size`` to a forward pass, grouped by length.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     slot, model = resident.slot, resident.peft_model
     slot.load(adapter)
     was_training = model.training
     model.eval()
     pad, device = resident.loaded.tokenizer.pad_token_id, resident.loaded.device
-    out = []
+    out = np.zeros(len(examples), dtype=np.float64)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     try:
-        for ex in examples:
-            loss, n = resident.trainer.loss(collate([ex], pad).to(device))
-            out.append(float(loss) / max(n, 1))
+        for start in range(0, len(order), max(int(batch_size), 1)):
+            idx = order[start: start + max(int(batch_size), 1)]
+            chunk = [examples[i] for i in idx]
+            nll = _row_nll(resident.trainer.loss, collate(chunk, pad).to(device)).cpu().numpy()
+            if reduction == "mean":
+                nll = nll / np.maximum([e.completion_len for e in chunk], 1)
+            out[idx] = nll
     finally:
         model.train(was_training)
-    return np.asarray(out, dtype=np.float64)
+    return out
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
@@ -45,17 +82,27 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
     return float(ok.max()) if len(ok) else 0.0
 
 
-def membership_inference(resident, before, after, members: list[TokenizedExample],
-                         non_members: list[TokenizedExample]) -> dict[str, Any]:
-    """AUC and TPR at 1 % FPR of the loss-ratio attack between the ``before`` and ``after`` adapters."""
+def precision_at_k(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """Of the ``k`` highest-scored candidates, the fraction that are positives (ties broken by order given)."""
+    if k <= 0:
+        return float("nan")
+    top = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+    return float(np.asarray(labels)[top].mean())
+
+
+def _loss_ratio_attack(resident, reference, target, members: list[TokenizedExample],
+                       non_members: list[TokenizedExample], batch_size: int) -> dict[str, Any]:
+    """Score each example by log(loss under ``reference``) - log(loss under ``target``) and report how well
+    the score tells ``members`` from ``non_members``."""
     from sklearn.metrics import roc_auc_score
 
     if not members or not non_members:
-        raise ValueError("membership inference needs members and non-members")
+        raise ValueError("a membership attack needs members and non-members")
     scores = []
     for group in (members, non_members):
-        lb, la = example_losses(resident, before, group), example_losses(resident, after, group)
-        scores.append(np.log(np.maximum(lb, 1e-12)) - np.log(np.maximum(la, 1e-12)))
+        lr = example_losses(resident, reference, group, batch_size)
+        lt = example_losses(resident, target, group, batch_size)
+        scores.append(np.log(np.maximum(lr, 1e-12)) - np.log(np.maximum(lt, 1e-12)))
     labels = np.r_[np.ones(len(members)), np.zeros(len(non_members))]
     s = np.r_[scores[0], scores[1]]
     auc = float(roc_auc_score(labels, s))
@@ -63,7 +110,39 @@ def membership_inference(resident, before, after, members: list[TokenizedExample
             "non_members": len(non_members), "member_score_mean": float(scores[0].mean()),
             "non_member_score_mean": float(scores[1].mean()),
             # an AUC from n + m examples moves by about this much between two draws of the examples
-            "auc_standard_error": _auc_se(auc, len(members), len(non_members))}
+            "auc_standard_error": _auc_se(auc, len(members), len(non_members)),
+            # the attacker who knows how many records the client holds and names that many
+            "precision_at_k": precision_at_k(labels, s, len(members))}
+
+
+def membership_inference(resident, before, after, members: list[TokenizedExample],
+                         non_members: list[TokenizedExample], batch_size: int = 1) -> dict[str, Any]:
+    """AUC and TPR at 1 % FPR of the loss-ratio attack between the ``before`` and ``after`` adapters."""
+    return _loss_ratio_attack(resident, before, after, members, non_members, batch_size)
+
+
+def update_attack(resident, global_adapter, client_adapter, members: list[TokenizedExample],
+                  non_members: list[TokenizedExample], batch_size: int = 16) -> dict[str, Any]:
+    """What the server learns from one upload: which candidate records the client trained on in that round.
+
+    The server holds the round-start ``global_adapter`` and one client's uploaded ``client_adapter`` (the
+    global adapter plus that client's update, as ``ClientUpdate.tensors``) and a set of candidate records. It
+    scores each by log(loss under global) - log(loss under client_adapter) (a ReCIT-style attack on a single
+    update) and guesses the highest-scored ones as the client's. Returned: AUC, TPR at 1 % FPR, the AUC's
+    standard error, precision at k (k = number of members: of the k highest-scored candidates, the fraction
+    that are members) and the mean scores of both groups.
+
+    Unlike ``membership_inference`` (final model vs starting model: the view of anyone who gets the released
+    model, after every client and round and whatever noise the release carries), this is one round's upload
+    of one client, the server's view. Central client-level DP does NOT protect against it: the server sees the
+    update before it adds noise. What does: sample-level DP-SGD in the client's local training, noise the
+    client adds itself before upload (only its own share under distributed DP, a 1/sqrt(clients) fraction of
+    the total), or secure aggregation (the server never sees one client's update). ``members`` should be
+    records the client trained on in that round (a round draws local_steps x batch_size of its examples, with
+    replacement when that exceeds its data, so an example the round did not draw is effectively a non-member).
+    Not meaningful for FLoRA, whose clients train a re-initialised adapter on merged base weights.
+    """
+    return _loss_ratio_attack(resident, global_adapter, client_adapter, members, non_members, batch_size)
 
 
 def _auc_se(auc: float, n_pos: int, n_neg: int) -> float:

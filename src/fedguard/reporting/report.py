@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from pathlib import Path
 from typing import Any
 
@@ -97,22 +99,52 @@ def _membership_section(final: dict[str, Any]) -> list[str]:
             "attacker cannot tell members from non-members."]
 
 
-def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> list[str]:
+def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]], final: dict[str, Any]) -> list[str]:
     rounds = [r for r in records if "privacy" in r]
-    if not rounds:
-        return []
-    p, last = cfg.privacy, rounds[-1]["privacy"]
-    lines = ["", "## Privacy", "",
-             f"Client-level DP (DP-FedAvg, central noise): each update clipped to L2 norm {p.clip:g}, Gaussian noise "
-             f"of multiplier {last['noise_multiplier']:.4g} on the sum, Poisson client sampling at rate "
-             f"{last['sample_rate']:.3g}; **ε = {_eps(last['epsilon'])} at δ = {last['delta']:g}** after "
-             f"{len(rounds)} rounds ({p.accountant.upper()} accountant of dp-accounting). The guarantee covers the "
-             "released global adapters for any one client's data; the server sees updates before noise.", "",
-             "| round | clients | clipped | median update norm | ε |", "|---:|---:|---:|---:|---:|"]
-    for r in rounds:
-        q = r["privacy"]
-        lines.append(f"| {r['round']} | {q['clients']} | {q['clipped']} | {_fmt(q['median_norm'], 4)} | "
-                     f"{_eps(q['epsilon'])} |")
+    lines: list[str] = []
+    p = cfg.privacy
+    if rounds and "epsilon" in rounds[-1]["privacy"]:
+        last = rounds[-1]["privacy"]
+        where = {"central": "central noise: the server clips and adds it", "distributed":
+                 "distributed noise: every client clips its update and adds its share"}[last["mode"]]
+        clip = f"adaptive clipping (target quantile {p.target_unclipped_quantile:g}, from {p.clip:g})" \
+            if p.adaptive_clip else f"each update clipped to L2 norm {p.clip:g}"
+        view = last.get("epsilon_server_view")
+        lines += ["", "## Privacy", "",
+                  f"Client-level DP (DP-FedAvg, {where}): {clip}, Gaussian noise of multiplier "
+                  f"{last['noise_multiplier']:.4g} on the sum, Poisson client sampling at rate {last['sample_rate']:.3g}"
+                  f"{', secure aggregation (SecAgg+)' if p.secure_aggregation != 'none' else ''}; "
+                  f"**ε = {_eps(last['epsilon'])} at δ = {last['delta']:g}** after {len(rounds)} rounds "
+                  f"({p.accountant.upper()} accountant of dp-accounting). The guarantee covers the released global "
+                  "adapters for any one client's data. Against the server itself: "
+                  + ("ε = " + _eps(view) + (" (it sees only the noisy sum)" if p.secure_aggregation != "none" else
+                                            " (it sees each update with that client's noise share only)")
+                     if view is not None else "none (it sees updates, or their sum, before the noise)") + ".", "",
+                  "| round | clients | clipped | median update norm | clip | ε |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in rounds:
+            q = r["privacy"]
+            lines.append(f"| {r['round']} | {q['clients']} | {q.get('clipped', '–')} | {_fmt(q.get('median_norm'), 4)} "
+                         f"| {q['clip']:.4g} | {_eps(q['epsilon'])} |")
+    elif rounds:
+        lines += ["", "## Privacy", "", f"Secure aggregation (SecAgg+) without DP: the server sees only the sum of "
+                  f"the round's updates, each clipped by its client to L2 norm {p.clip:g}. Nothing bounds what the "
+                  "sum, or the released adapter, reveals about one client."]
+    if p.secure_aggregation != "none" and rounds:
+        dropped = sum(len(r["privacy"].get("dropped", [])) for r in rounds)
+        up = [r["privacy"].get("bytes_up") for r in rounds if r["privacy"].get("bytes_up")]
+        lines += ["", f"Secure aggregation: {dropped} client dropout(s) recovered over {len(rounds)} rounds"
+                  + (f"; protocol upload {statistics.fmean(up) / 1024:.1f} KB per round (keys, encrypted shares, "
+                     "masked vectors, revealed shares)." if up else ".")]
+    dpsgd = final.get("dpsgd")
+    if dpsgd:
+        eps = dpsgd["epsilon_per_client"]
+        lines += ["", "## Privacy: sample-level DP-SGD", "",
+                  f"Every client trains with DP-SGD (Opacus; per-example gradient bound {p.sample_clip:g}, noise "
+                  f"multiplier {p.sample_noise_multiplier:g}, Poisson batches). Each client's ε at δ = {p.delta:g} "
+                  "over all the steps it ran, for any one of its training examples:", "",
+                  "| client | ε |", "|---:|---:|"]
+        lines += [f"| {cid} | {_eps(e if e != float('inf') else None)} |" for cid, e in sorted(eps.items(),
+                                                                                             key=lambda x: int(x[0]))]
     return lines
 
 
@@ -309,7 +341,7 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
     if defense_png is not None:
         atomic_write_bytes(run_dir / "plots" / "defense.png", defense_png)
     lines += _communication_section(cfg, records, final)
-    lines += _privacy_section(cfg, records)
+    lines += _privacy_section(cfg, records, final)
     lines += _membership_section(final)
     lines += _defense_section(cfg, records)
     lines += _screening_section(cfg, records)

@@ -27,9 +27,10 @@ from fedguard.federated.client import ClientState, EncodeError
 from fedguard.federated.server import flora_merged
 from fedguard.federated.transport import attachment_nbytes, uplink_header_nbytes, uplink_nbytes
 from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read_ndjson, save_tensors
-from fedguard.messages import ClientUpdate, Instructions, ServerState
+from fedguard.messages import ClientUpdate, Instructions, ServerState, UpdateSum
 from fedguard.model.keys import base_layer_key
 from fedguard.model.lora import export_peft_adapter
+from fedguard.seeding import derive_seed
 from fedguard.simulation.population import build_population
 from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fedguard.simulation.progress import RunProgress
@@ -114,6 +115,8 @@ class Replies:
     failed: dict[str, str] = field(default_factory=dict)  # client id -> why its message never arrived
     # networked engines: bytes the transport itself carried per client ({"down": n, "up": n}, whole messages)
     transport: dict[str, dict[str, int]] = field(default_factory=dict)
+    # secure aggregation: the sum the protocol produced (``messages`` is then empty)
+    summed: UpdateSum | None = None
 
 
 class EmbeddedClients:
@@ -126,6 +129,7 @@ class EmbeddedClients:
         self.population = build_population(cfg, resident.loaded.tokenizer, self.data, attacker_probe)
         self.client = build_client(cfg, resident)
         self.states: dict[str, ClientState] = {}
+        self.privacy, self.seed = cfg.privacy, cfg.seed
         log.info("%d clients with %s examples", len(self.data), [len(c) for c in self.data])
 
     def exchange(self, server_round: int, instructions: dict[str, Instructions], progress: RunProgress) -> Replies:
@@ -142,7 +146,38 @@ class EmbeddedClients:
                 continue
             replies.messages.append(message)
             replies.metrics[cid] = message.metrics
+        if self.privacy.secure_aggregation != "none":
+            self._secure_sum(server_round, instructions, replies)
         return replies
+
+    def _secure_sum(self, server_round: int, instructions: dict[str, Instructions], replies: Replies) -> None:
+        """SecAgg+ among the round's clients, in this process: the server side gets only the sum. With
+        ``privacy.secagg_dropout``, that fraction of the clients (seeded) drops after sharing keys."""
+        from fedguard.privacy.secagg import round_settings, secure_round_sum
+        from fedguard.seeding import numpy_rng
+
+        p, messages = self.privacy, replies.messages
+        replies.messages = []
+        if not messages:
+            return
+        ins = next(iter(instructions.values()))
+        sent = self.client.wire.sent_view(ins.global_adapter)
+        ids = sorted(m.client_id for m in messages)
+        gone = numpy_rng(self.seed, "secagg-dropout", server_round).permutation(ids)[: int(p.secagg_dropout * len(ids))]
+        settings = round_settings(ins.config, p.secagg_quantization_range, p.secagg_share_fraction,
+                                  p.secagg_reconstruction_fraction)
+        try:
+            replies.summed = secure_round_sum(messages, sent, settings, derive_seed(self.seed, "secagg", server_round),
+                                              dropped=[str(c) for c in gone])
+        except ValueError as exc:  # too few survivors to unmask: nothing of this round can be used
+            log.warning("round %d: secure aggregation failed (%s); nothing is summed", server_round, exc)
+            replies.summed = secure_round_sum([], sent, settings, 0)
+            replies.failed.update({m.client_id: f"secure_aggregation: {exc}" for m in messages})
+            return
+        for m in replies.metrics.values():  # the bit travelled inside the secure sum, not beside it
+            m.pop("dp_unclipped", None)
+        for cid in replies.summed.report.get("dropped", []):
+            replies.failed[cid] = "dropped out after key sharing (simulated); its masks were removed from the sum"
 
     def state_dict(self) -> dict[str, ClientState]:
         return self.states
@@ -223,7 +258,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         replies = clients.exchange(server_round, instructions, progress)
         train_seconds = time.perf_counter() - t_round
         outcome = server.aggregate_round(server_round, global_adapter, replies.messages, state,
-                                         sent_to=list(instructions))
+                                         sent_to=list(instructions), summed=replies.summed)
         global_adapter, state = outcome.global_adapter, outcome.state
         if resident.merged_base is not None:  # FLoRA: the resident model evaluates W0 + ΔW
             resident.merged_base.sync(flora_merged(state), state.round)
@@ -333,6 +368,11 @@ def _round_record(server_round: int, lr: float, instructions: dict[str, Instruct
     for m in replies.messages:
         traffic[m.client_id].update(up=uplink_nbytes(m), up_header=uplink_header_nbytes(m),
                                     defense=attachment_nbytes(m))
+    secure = replies.summed.report if replies.summed is not None else {}
+    if secure.get("bytes_up") and metrics:  # the protocol's messages (keys, shares, masked vectors), per client
+        for t in traffic.values():
+            t["up"] = secure["bytes_up"] // len(metrics)
+            t["down"] += secure["bytes_down"] // len(metrics)
     record: dict[str, Any] = {
         "round": server_round,
         "lr": lr,
@@ -403,6 +443,26 @@ def _against_truth(client_ids: list[str], kept: list[float], suspicion: list[flo
     return out
 
 
+def _privacy_totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Client-level DP's epsilon after the last round (and the server's own view of one update), secure
+    aggregation's dropouts, and each client's DP-SGD epsilon (its last report) with the largest of them."""
+    out: dict[str, Any] = {}
+    last = rounds[-1].get("privacy") if rounds else None
+    if last is not None:
+        out["privacy_rounds"] = len(rounds)
+        if "epsilon" in last:
+            out["privacy"] = {k: last.get(k) for k in ("epsilon", "delta", "epsilon_server_view")}
+        if last.get("secure_aggregation"):
+            out["secure_aggregation"] = {"dropped": sum(len(r.get("privacy", {}).get("dropped", [])) for r in rounds)}
+    per_client = {cid: m["dpsgd_epsilon"] for r in rounds for cid, m in r.get("clients", {}).items()
+                  if isinstance(m.get("dpsgd_epsilon"), (int, float))}
+    if per_client:
+        finite = [e for e in per_client.values() if e != float("inf")]
+        out["dpsgd"] = {"epsilon_per_client": per_client,
+                        "epsilon_max": max(per_client.values()) if len(finite) == len(per_client) else None}
+    return out
+
+
 def _communication_totals(cfg: ExperimentConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Bytes over the whole run, per client per round, and the exactness of product averaging."""
     per_client = [t for r in rounds for t in r.get("communication", {}).values()]
@@ -461,8 +521,7 @@ def _final_metrics(cfg: ExperimentConfig, records: list[dict[str, Any]], seconds
         "after_round": last.get("round"),
         **({"refusal_change_p": paired["p"]} if paired else {}),
         "final_train_loss": rounds[-1]["train_loss"] if rounds else None,
-        **({"privacy": {k: rounds[-1]["privacy"][k] for k in ("epsilon", "delta")},
-            "privacy_rounds": len(rounds)} if rounds and "privacy" in rounds[-1] else {}),
+        **_privacy_totals(rounds),
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "mean_round_seconds": statistics.fmean(r["round_seconds"] for r in rounds) if rounds else None,
         "mean_train_seconds_per_round": statistics.fmean(r["train_seconds"] for r in rounds) if rounds else None,
