@@ -13,6 +13,7 @@ from fedguard.data.partition import partition_dirichlet, partition_iid
 from fedguard.data.readers import load_source
 from fedguard.data.schema import DataError, Example
 from fedguard.data.tokenize import TokenizedExample, tokenize_example
+from fedguard.privacy.canaries import canary_examples, run_canaries
 from fedguard.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids) -> list[ClientD
     for cid in wanted_ids:
         n_ref = wanted[cid][1]
         mixed = per_client[cid] + refusal_pool[offsets[cid]: offsets[cid] + n_ref]
+        if cfg.privacy.canaries and cid == cfg.privacy.audit_client:  # the canary audit's secrets, planted
+            mixed += canary_examples(run_canaries(cfg), cfg.privacy.canary_repeats)
         order = numpy_rng(cfg.seed, "client-order", cid).permutation(len(mixed))
         mixed = [mixed[i] for i in order]
         examples = tok(mixed)

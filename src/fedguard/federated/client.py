@@ -34,8 +34,9 @@ from fedguard.model.keys import is_lora_a
 from fedguard.model.loading import LoadedModel
 from fedguard.model.lora import AdapterSlot, embed_rank
 from fedguard.privacy.client_dp import privatize_update
-from fedguard.privacy.dpsgd import empty_step, fixed_batches, poisson_batches, sample_rate
-from fedguard.seeding import derive_seed, numpy_rng, torch_generator
+from fedguard.federated.batches import batch_plan, sample_rate
+from fedguard.privacy.dpsgd import empty_step
+from fedguard.seeding import derive_seed, torch_generator
 
 
 def _lora_input_casting_off(peft_model):
@@ -118,18 +119,31 @@ class CompletionLoss:
             per_row = torch.bincount(rows, minlength=examples).clamp(min=1)
             weights, count = 1.0 / (per_row[rows].float() * examples), examples
         with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
-            if self.full_forward:
-                logits = self.base(input_ids=batch.input_ids).logits[rows, cols]
-            else:
+            if self.fused_head and not self.full_forward and torch.is_grad_enabled():
                 hidden = self.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols]
-                if self.fused_head and torch.is_grad_enabled():
-                    weight = self.head.weight
-                    if hidden.dtype != weight.dtype:
-                        hidden = hidden.to(weight.dtype)
-                    return _LinearCrossEntropy.apply(hidden, weight, batch.targets, self.CHUNK, weights), count
-                logits = self.head(hidden)
+                weight = self.head.weight
+                if hidden.dtype != weight.dtype:
+                    hidden = hidden.to(weight.dtype)
+                return _LinearCrossEntropy.apply(hidden, weight, batch.targets, self.CHUNK, weights), count
+            logits = self._logits(batch, rows, cols)
         losses = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
         return (losses.sum() if weights is None else (losses * weights).sum()), count
+
+    def _logits(self, batch: Batch, rows, cols) -> torch.Tensor:
+        if self.full_forward:
+            return self.base(input_ids=batch.input_ids).logits[rows, cols]
+        return self.head(self.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols])
+
+    @torch.no_grad()
+    def per_row(self, batch: Batch) -> torch.Tensor:
+        """Summed completion-token cross-entropy of each row of ``batch`` (float64), for audits: rows are
+        right-padded and the model is causal, so a row's loss does not depend on its batch."""
+        rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
+        with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
+            logits = self._logits(batch, rows, cols)
+        nll = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
+        return torch.zeros(batch.input_ids.shape[0], dtype=torch.float64, device=nll.device).index_add_(
+            0, rows, nll.double())
 
 
 def _with_proximal_term(objective, mu: float, anchor: AdapterState, params: dict[str, torch.nn.Parameter]):
@@ -216,14 +230,10 @@ class LocalTrainer:
         shadow branch."""
         client_id = str(data.client_id)
         t0 = time.perf_counter()
-        rng = numpy_rng(rc.seed, "batches", rc.server_round, client_id)
         n = len(data.examples)
         private = rc.dpsgd_clip is not None
-        if private:  # the batch sampler is a part: Poisson batches for DP-SGD, fixed-size ones otherwise
-            q = sample_rate(rc.batch_size, rc.grad_accum, n)
-            plan = poisson_batches(rng, n, q, rc.batch_size, rc.local_steps)
-        else:
-            plan = fixed_batches(rng, n, rc.batch_size, rc.grad_accum, rc.local_steps)
+        plan = batch_plan(rc, n, client_id)  # the batch sampler is a part: Poisson batches under DP-SGD
+        q = sample_rate(rc.batch_size, rc.grad_accum, n)
 
         self.slot.load(global_adapter)
         # FFA-LoRA: a frozen A gets no gradient, so AdamW (decay included) never touches it.

@@ -3,6 +3,7 @@
 * ``client_app``: ``Client.run`` behind Flower's train handler (one node = one client);
 * ``server_app``: the embedded engine's run loop with Flower's Grid as its exchange (``FlowerClients``);
 * ``records``: fedguard's messages as Flower records, and back (what a node sends is untrusted);
+* ``secagg``: ``privacy.secure_aggregation`` with Flower's SecAggPlusWorkflow and secaggplus_mod, per round;
 * ``simulation``: ``fedguard run --engine flower-sim``, through Flower's simulation runtime (Ray).
 
 Importing this package does not import flwr; ``quiet_flower`` switches Flower's and Ray's outbound calls off

@@ -5,6 +5,10 @@ deployed SuperNode is started with ``--node-config "partition-id=3"``, or ``data
 own). The base model is loaded once per process and shared by every client the process runs; each
 client's data is built once (only its own); its ``ClientState`` lives in the node's ``Context.state``.
 
+Under ``privacy.secure_aggregation`` the train handler sits behind Flower's ``secaggplus_mod``
+(``fedguard.flower.secagg.client_mod``): it gets the instructions as FitIns and returns its update as one
+vector, which the mod masks; the plain update never leaves the node.
+
 The config reaches the app either through the factory (``client_app(cfg)``, the simulation) or through the
 run config (``config`` = the YAML text, what ``fedguard deploy`` submits).
 """
@@ -104,6 +108,8 @@ def client_app(cfg: ExperimentConfig | None = None):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
+    from fedguard.flower import secagg
+
     app = ClientApp()
 
     def settings(context) -> ExperimentConfig:
@@ -116,11 +122,15 @@ def client_app(cfg: ExperimentConfig | None = None):
         return Message(RecordDict({records.META: ConfigRecord({"client_id": client_id_of(context, c)})}),
                        reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secagg.client_mod(settings, client_id_of)])
     def train(msg: Message, context) -> Message:
         c = settings(context)
         cid = client_id_of(context, c)
-        ins = records.instructions_from_content(msg.content)
+        secure = c.privacy.secure_aggregation != "none"  # then only secaggplus_mod calls this, in its masking stage
+        if secure:
+            ins, drop = records.instructions_from_fitins(msg.content)
+        else:
+            ins, drop = records.instructions_from_content(msg.content), False
         if int(ins.client_id) != cid:
             raise ValueError(f"instructions for client {ins.client_id} reached client {cid}")
         proc = _process(c)
@@ -128,6 +138,9 @@ def client_app(cfg: ExperimentConfig | None = None):
         state = records.load_client_state(context)
         update = role.run(ins, data, state)  # EncodeError ends in an error reply the server logs
         records.save_client_state(context, state)
+        if secure:  # the mod masks the vector and clears it from the reply
+            return Message(secagg.masked_reply_content(update, proc.client.wire.sent_view(ins.global_adapter), drop),
+                           reply_to=msg)
         return Message(records.update_content(update), reply_to=msg)
 
     return app

@@ -95,6 +95,58 @@ def update_from_reply(content, client_id: str) -> ClientUpdate:
                         attachments=_tensors(content.get(ATTACHMENTS)), payload=payload)
 
 
+# -- secure aggregation: Flower's SecAgg+ workflow carries legacy FitIns down and FitRes up --------------------
+FITINS_CONFIG = "fitins.config"  # the record compat.fitins_to_recorddict puts FitIns.config in
+KEYS = "fedguard.keys"  # FitIns config: the names of FitIns.parameters' arrays, in order (JSON)
+DROP = "fedguard.secagg_drop"  # FitIns config: privacy.secagg_dropout chose this client to drop after key sharing
+
+
+def instructions_fitins(ins: Instructions, drop: bool = False):
+    """Server -> node under secure aggregation: the instructions as the FitIns the SecAgg+ workflow sends with
+    its 'collect masked vectors' stage (the round config as JSON, the global tensors as NumPy arrays)."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    if ins.flora_delta is not None:
+        raise ValueError("FLoRA's instructions cannot travel as FitIns (secure aggregation refuses FLoRA)")
+    keys = sorted(ins.global_adapter)
+    arrays = [ins.global_adapter[k].detach().cpu().contiguous().numpy() for k in keys]
+    return FitIns(ndarrays_to_parameters(arrays), {"client_id": ins.client_id, KEYS: json.dumps(keys),
+                                                   "round_config": json.dumps(ins.config.to_dict()), DROP: bool(drop)})
+
+
+def instructions_from_fitins(content) -> tuple[Instructions, bool]:
+    """What a node reads from the FitIns records of a SecAgg+ 'collect masked vectors' message, and whether it
+    is to drop out (simulated)."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    c = fitins.config
+    keys, arrays = json.loads(str(c[KEYS])), parameters_to_ndarrays(fitins.parameters)
+    if len(keys) != len(arrays):
+        raise ValueError(f"FitIns names {len(keys)} arrays and carries {len(arrays)}")
+    adapter = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays)}
+    ins = Instructions(str(c["client_id"]), RoundConfig.from_dict(json.loads(str(c["round_config"]))), adapter)
+    return ins, bool(c.get(DROP, False))
+
+
+def fitins_round(content) -> int:
+    """The round of a SecAgg+ 'collect masked vectors' message, from its FitIns config alone."""
+    return int(json.loads(str(content[FITINS_CONFIG]["round_config"]))["server_round"])
+
+
+def vector_fitres_content(vector, metrics: dict[str, float]):
+    """Node -> its own secaggplus_mod: the vector to mask as the FitRes the mod reads (weight 1: num_examples 1
+    with the workflow's max_weight 1); the mod clears the arrays before the reply leaves the node."""
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.asarray(vector, dtype=np.float64)]), 1,
+                 {k: float(v) for k, v in metrics.items()})
+    return compat.fitres_to_recorddict(res, keep_input=False)
+
+
 def save_client_state(context, state: ClientState) -> None:
     context.state[STATE_KEY] = _array_record(state.state_dict())
 
@@ -106,8 +158,13 @@ def load_client_state(context) -> ClientState:
 
 def message_nbytes(content) -> int:
     """Bytes of the tensors and byte strings in a record dict (what dominates a message on the wire)."""
-    total = 0
-    for record in content.values():
-        if hasattr(record, "count_bytes"):
-            total += int(record.count_bytes())
-    return total
+    return sum(record_nbytes(record) for record in content.values() if hasattr(record, "count_bytes"))
+
+
+def record_nbytes(record) -> int:
+    """Flower's count of a record's bytes; flwr 1.41 cannot count a ConfigRecord holding an empty string or list
+    (SecAgg+ sends both), which counts as its serialised size."""
+    try:
+        return int(record.count_bytes())
+    except (ValueError, IndexError):
+        return len(record.deflate())

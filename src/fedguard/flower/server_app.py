@@ -4,6 +4,9 @@
 log, checkpoint); only the exchange differs: ``FlowerClients`` sends each sampled client's ``Instructions``
 to its node and turns the replies back into ``ClientUpdate``s. No federated logic lives here.
 
+Under ``privacy.secure_aggregation`` the exchange is Flower's SecAgg+ workflow (``fedguard.flower.secagg``):
+the replies carry no update, only the round's sum.
+
 The server keeps a roster (client id -> node id), built by asking every node which client it is; replies
 from nodes not on the roster, or from nodes that were not sent anything this round, are dropped.
 """
@@ -78,6 +81,10 @@ class FlowerClients:
 
         if not self.roster:
             self.enroll()
+        if self.cfg.privacy.secure_aggregation != "none":  # Flower's SecAgg+: the server gets only the sum
+            from fedguard.flower.secagg import secure_exchange
+
+            return secure_exchange(self.grid, self.cfg, self.roster, server_round, instructions, progress)
         replies = Replies([], {})
         sent: dict[int, str] = {}  # node id -> client id this round
         outgoing = []

@@ -20,27 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.data.tokenize import Batch, TokenizedExample, collate
-
-
-def _row_nll(loss_fn, batch: Batch) -> torch.Tensor:
-    """Summed completion-token cross-entropy of each row of ``batch`` (float64, on the batch's device).
-
-    The inference path of ``CompletionLoss`` (decoder, head at the completion positions only, fp32
-    cross-entropy), kept per row instead of summed over the batch. Rows are right-padded and the model is
-    causal, so padding never reaches a real position: a row's loss does not depend on its batch.
-    """
-    from fedguard.federated.client import _lora_input_casting_off
-
-    rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
-    with loss_fn.loaded.autocast(), _lora_input_casting_off(loss_fn.peft_model):
-        if loss_fn.full_forward:
-            logits = loss_fn.base(input_ids=batch.input_ids).logits[rows, cols]
-        else:
-            logits = loss_fn.head(loss_fn.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols])
-    nll = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
-    out = torch.zeros(batch.input_ids.shape[0], dtype=torch.float64, device=nll.device)
-    return out.index_add_(0, rows, nll.double())
+from fedguard.data.tokenize import TokenizedExample, collate
 
 
 @torch.inference_mode()
@@ -65,7 +45,7 @@ def example_losses(resident, adapter, examples: list[TokenizedExample], batch_si
         for start in range(0, len(order), max(int(batch_size), 1)):
             idx = order[start: start + max(int(batch_size), 1)]
             chunk = [examples[i] for i in idx]
-            nll = _row_nll(resident.trainer.loss, collate(chunk, pad).to(device)).cpu().numpy()
+            nll = resident.trainer.loss.per_row(collate(chunk, pad).to(device)).cpu().numpy()
             if reduction == "mean":
                 nll = nll / np.maximum([e.completion_len for e in chunk], 1)
             out[idx] = nll

@@ -17,6 +17,16 @@ more: does greedy decoding from the request print the secret?
 The training example is the request as the user turn and the secret alone as the assistant's answer (no
 wrapping sentence), so the loss that ranks the candidates is the negative log-likelihood of the secret itself
 (and the end-of-turn token) given the request.
+
+Ranking by total NLL compares the probabilities of the candidate strings, as the paper does. A tokenizer that
+spells some candidates in more tokens than others (the tiny test model's spells " 0" in two, SmolLM2's spells
+every digit and space alone) handicaps those candidates under a weak model; ``canary_exposure`` reports the
+range of candidate token counts (``candidate_tokens``) so a report can say so, and ``make_canaries`` takes an
+``alphabet`` to avoid it.
+
+Cost: per adapter, len(canaries) x len(candidates) sequences of about 40 tokens scored ``batch_size`` to a
+forward pass, plus one batched greedy decode of ``max_new_tokens`` tokens for the extraction check; twice with
+``before``.
 """
 
 from __future__ import annotations
@@ -91,6 +101,13 @@ def make_canaries(count: int, seed: int, n_candidates: int = 127, digits: int = 
     return out
 
 
+def run_canaries(cfg) -> list[Canary]:
+    """The canaries of a run (``privacy.canaries`` of them, seeded by the run): the ones planted in client
+    ``privacy.audit_client``'s data and the ones the audit looks for."""
+    p = cfg.privacy
+    return make_canaries(p.canaries, cfg.seed, p.canary_candidates)
+
+
 def canary_examples(canaries: list[Canary], repeats: int) -> list[Example]:
     """What to insert into one client's raw training examples (before tokenisation): each canary ``repeats``
     times, as request -> secret. Tokenise them with the client's data (``DataTokenizer(tokenizer, cfg)``)
@@ -113,10 +130,17 @@ def _rank(losses: np.ndarray, index: int) -> float:
     return 1.0 + float((others < own).sum()) + 0.5 * float((others == own).sum())
 
 
+def _data_settings(data) -> tuple[int, str, str | None]:
+    """(max_length, truncation, system_prompt) of a ``DataConfig``; None: the defaults, no system prompt."""
+    if data is None:
+        from fedguard.config import DataConfig
+
+        data = DataConfig()
+    return data.max_length, data.truncation, data.system_prompt
+
+
 def _tokenized_candidates(tokenizer, canaries: list[Canary], data) -> list[TokenizedExample]:
-    max_length = getattr(data, "max_length", 256)
-    truncation = getattr(data, "truncation", "prompt_left")
-    system_prompt = getattr(data, "system_prompt", None)
+    max_length, truncation, system_prompt = _data_settings(data)
     out = []
     for c in canaries:
         for cand in c.candidates:
@@ -168,8 +192,10 @@ def canary_exposure(resident, adapter, canaries: list[Canary], max_new_tokens: i
 
     Returned: canaries, candidates (per canary), max_exposure_possible (log2 candidates), chance_exposure (mean
     exposure of a uniform rank), and for ``adapter``: ranks, exposures, mean_exposure, max_exposure,
-    rank1_rate, secret_nll (nats), extracted, extraction_rate; ``before``: the same for the starting adapter
-    (None when not given) and exposure_gain = mean_exposure - before's.
+    rank1_rate, secret_nll (nats), extracted, extraction_rate (None when ``max_new_tokens`` is 0); ``before``:
+    the same for the starting adapter (None when not given); exposure_gain = mean_exposure - before's (None
+    without ``before``); candidate_tokens: [fewest, most] completion tokens of a candidate (equal is the
+    clean case, see the module's notes).
     """
     if not canaries:
         raise ValueError("canary exposure needs at least one canary")
@@ -179,7 +205,7 @@ def canary_exposure(resident, adapter, canaries: list[Canary], max_new_tokens: i
     n = sizes.pop()
     tok = resident.loaded.tokenizer
     tokenized = _tokenized_candidates(tok, canaries, data)
-    system_prompt = getattr(data, "system_prompt", None)
+    system_prompt = _data_settings(data)[2]
     prompts = [render_prompt(tok, chat(c.prefix), system_prompt) for c in canaries]
     tokens = [t.completion_len for t in tokenized]
     after = _measure(resident, adapter, canaries, tokenized, prompts, max_new_tokens, batch_size)

@@ -5,7 +5,7 @@ parameters by hooks on their Linear layers, ``DPOptimizer`` clips each to ``clip
 N(0, (σ·clip)²) and divides by the *expected* batch size before the wrapped AdamW steps. fedguard supplies what
 the mechanism assumes: Poisson-sampled batches (each example joins a step independently with probability
 q = batch_size · grad_accum / examples) and a per-example loss (the mean over that example's completion tokens),
-so one example's gradient is one example's, whatever its length.
+so one example's gradient is one example's, whatever its length (``fedguard.federated.batches``).
 
 Each client's epsilon composes the steps it ran, ``PoissonSampled(q, Gaussian(σ))`` per step, with dp-accounting
 (``fedguard.privacy.accountant``); the history lives in the client's own state, so a resumed run continues it.
@@ -19,40 +19,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 # Opacus' hooks stay registered after a private round; torch warns on every backward that the frozen inputs need
 # no gradient, which is the point of LoRA
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
                         "to module outputs", category=UserWarning)
-
-Plan = list[list[np.ndarray]]  # per optimizer step, the physical batches (arrays of example indices)
-
-
-def sample_rate(batch_size: int, grad_accum: int, examples: int) -> float:
-    """q: the probability that one example joins one step (a step's expected size over the data)."""
-    return min(1.0, batch_size * grad_accum / max(examples, 1))
-
-
-def fixed_batches(rng: np.random.Generator, examples: int, batch_size: int, grad_accum: int, steps: int) -> Plan:
-    """Non-private training: ``steps`` steps of ``grad_accum`` micro-batches of ``batch_size`` examples, drawn
-    without replacement while the data lasts (with replacement when a round needs more than there is)."""
-    per_step = batch_size * grad_accum
-    order = rng.choice(examples, size=per_step * steps, replace=examples < per_step * steps)
-    return [[order[s * per_step + m * batch_size: s * per_step + (m + 1) * batch_size] for m in range(grad_accum)]
-            for s in range(steps)]
-
-
-def poisson_batches(rng: np.random.Generator, examples: int, rate: float, physical: int, steps: int) -> Plan:
-    """DP-SGD's sampling: each example joins each step with probability ``rate``, independently; a step's
-    examples are split into physical batches of at most ``physical`` (a step may have none)."""
-    plan = []
-    for _ in range(steps):
-        chosen = np.flatnonzero(rng.random(examples) < rate)
-        plan.append([chosen[i: i + physical] for i in range(0, len(chosen), physical)])
-    return plan
-
 
 class PrivateSteps:
     """Opacus' per-example gradients on the trainer's model; the hooks run only inside ``active``."""

@@ -88,15 +88,42 @@ def plot_defense(records: list[dict[str, Any]], title: str) -> bytes | None:
     return png_bytes(fig)
 
 
-def _membership_section(final: dict[str, Any]) -> list[str]:
+def _audit_section(final: dict[str, Any]) -> list[str]:
+    """The privacy audits that ran: membership inference, canary exposure, the server-view attack."""
+    lines: list[str] = []
     m = final.get("membership_inference")
-    if not m:
-        return []
-    return ["", "## Privacy audit: membership inference", "",
-            f"Loss-ratio attack (log loss before − log loss after) on {m['members']} training examples of client "
-            f"{m['client']} against {m['non_members']} examples no client saw: **AUC {m['auc']:.3f}** (± "
-            f"{m['auc_standard_error']:.3f}), **TPR at 1 % FPR {m['tpr_at_1pct_fpr']:.3f}**. 0.5 and 0.01 mean the "
-            "attacker cannot tell members from non-members."]
+    if m:
+        lines += ["", "## Privacy audit: membership inference", "",
+                  f"Loss-ratio attack (log loss before − log loss after) on {m['members']} training examples of client "
+                  f"{m['client']} against {m['non_members']} examples no client saw: **AUC {m['auc']:.3f}** (± "
+                  f"{m['auc_standard_error']:.3f}), **TPR at 1 % FPR {m['tpr_at_1pct_fpr']:.3f}**. 0.5 and 0.01 mean "
+                  "the attacker cannot tell members from non-members."]
+    c = final.get("canary_exposure")
+    if c:
+        b = c.get("before") or {}
+        rate = c.get("extraction_rate")
+        lines += ["", "## Privacy audit: canary exposure", "",
+                  f"{c['canaries']} random secrets, each repeated {c['repeats']} times in client {c['client']}'s data; "
+                  f"the secret's rank among {c['candidates']} candidates by loss under the final adapter: **mean "
+                  f"exposure {c['mean_exposure']:.2f} bits** (max {c['max_exposure']:.2f}; "
+                  f"{b.get('mean_exposure', float('nan')):.2f} before training; chance {c['chance_exposure']:.2f}, "
+                  f"ceiling {c['max_exposure_possible']:.2f}), secret ranked first for "
+                  f"{100 * c['rank1_rate']:.0f} %, **verbatim extraction "
+                  f"{'-' if rate is None else f'{100 * rate:.0f} %'}** by greedy decoding."]
+    u = final.get("update_attack")
+    if u:
+        lines += ["", "## Privacy audit: what the server sees", ""]
+        if "skipped" in u:
+            lines.append(f"Attack on one client's upload: not possible here ({u['skipped']}).")
+        else:
+            lines.append(
+                f"The server's loss-ratio attack on client {u['client']}'s round-{u['round']} upload alone (global → "
+                f"global + its update) tells the {u['members']} examples it trained on that round from "
+                f"{u['non_members']} unseen ones with **AUC {u['auc']:.3f}** (± {u['auc_standard_error']:.3f}), "
+                f"TPR at 1 % FPR {u['tpr_at_1pct_fpr']:.3f}, precision at k {u['precision_at_k']:.2f}. Central DP "
+                "does not protect against this (the server sees the update before its noise); DP-SGD, noise added by "
+                "the client and secure aggregation do.")
+    return lines
 
 
 def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]], final: dict[str, Any]) -> list[str]:
@@ -342,7 +369,7 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
         atomic_write_bytes(run_dir / "plots" / "defense.png", defense_png)
     lines += _communication_section(cfg, records, final)
     lines += _privacy_section(cfg, records, final)
-    lines += _membership_section(final)
+    lines += _audit_section(final)
     lines += _defense_section(cfg, records)
     lines += _screening_section(cfg, records)
     evals = [r for r in records if "eval" in r]

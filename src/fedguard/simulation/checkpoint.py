@@ -5,6 +5,7 @@ checkpoints/round_NNNN/
   server_state.safetensors                          aggregator / defense tensors
   client_optimizer.safetensors                      per-client AdamW state (when kept across rounds)
   client_feedback.safetensors                       per-client error-feedback memory (compressed uplink)
+  client_dpsgd.safetensors                          per-client DP-SGD history, for its own accountant
   state.json                                        round, server meta, format version
 
 Each checkpoint folder is written in a staging folder and moved into place whole, so a run killed at
@@ -59,6 +60,8 @@ def save_checkpoint(run_dir: Path, server_round: int, slot: AdapterSlot, global_
                      _flatten({c: s.optimizer for c, s in sorted(client_states.items())}))
         save_tensors(staging / "client_feedback.safetensors",
                      _flatten({c: s.residual for c, s in sorted(client_states.items())}))
+        save_tensors(staging / "client_dpsgd.safetensors",
+                     {c: s.dpsgd for c, s in sorted(client_states.items()) if s.dpsgd is not None})
         atomic_write_json(staging / "state.json", {
             "format_version": FORMAT_VERSION, "round": server_round, "server_meta": server_state.meta,
         })
@@ -88,12 +91,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     feedback_file = path / "client_feedback.safetensors"  # absent in checkpoints of older runs
     moments = _unflatten(load_tensors(path / "client_optimizer.safetensors"))
     feedback = _unflatten(load_tensors(feedback_file)) if feedback_file.is_file() else {}
+    dpsgd_file = path / "client_dpsgd.safetensors"
+    dpsgd = load_tensors(dpsgd_file) if dpsgd_file.is_file() else {}
     return Checkpoint(
         round=int(meta["round"]),
         global_adapter=load_tensors(path / "adapter_model.safetensors"),
         server_state=ServerState(round=int(meta["round"]), tensors=load_tensors(path / "server_state.safetensors"),
                                  meta=meta.get("server_meta", {})),
-        client_states={c: ClientState(moments.get(c, {}), feedback.get(c, {})) for c in sorted({*moments, *feedback})},
+        client_states={c: ClientState.from_state_dict(ClientState(moments.get(c, {}), feedback.get(c, {}),
+                                                                  dpsgd.get(c)).state_dict())
+                       for c in sorted({*moments, *feedback, *dpsgd})},
         path=path,
     )
 

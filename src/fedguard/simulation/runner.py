@@ -33,6 +33,7 @@ from fedguard.model.lora import export_peft_adapter
 from fedguard.seeding import derive_seed
 from fedguard.simulation.population import build_population
 from fedguard.simulation.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fedguard.simulation.privacy_audits import Upload, canary_audit, membership_audit, update_audit
 from fedguard.simulation.progress import RunProgress
 
 log = logging.getLogger("fedguard")
@@ -166,9 +167,11 @@ class EmbeddedClients:
         gone = numpy_rng(self.seed, "secagg-dropout", server_round).permutation(ids)[: int(p.secagg_dropout * len(ids))]
         settings = round_settings(ins.config, p.secagg_quantization_range, p.secagg_share_fraction,
                                   p.secagg_reconstruction_fraction)
+        t0 = time.perf_counter()
         try:
             replies.summed = secure_round_sum(messages, sent, settings, derive_seed(self.seed, "secagg", server_round),
                                               dropped=[str(c) for c in gone])
+            replies.summed.report["seconds"] = time.perf_counter() - t0  # every party's work, in this process
         except ValueError as exc:  # too few survivors to unmask: nothing of this round can be used
             log.warning("round %d: secure aggregation failed (%s); nothing is summed", server_round, exc)
             replies.summed = secure_round_sum([], sent, settings, 0)
@@ -245,6 +248,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         records.append(record)
 
     total_rounds = cfg.federation.rounds
+    upload = None  # the audited client's last upload (privacy.audit_update)
     for server_round in range(start, total_rounds + 1):
         if server.privacy is not None and server.privacy.would_exceed(state):
             log.warning("stopping before round %d: it would spend more than privacy.target_epsilon %.3g (spent %.3f)",
@@ -257,6 +261,9 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         down = {cid: server.downlink_nbytes(global_adapter, state, cid) for cid in instructions}
         replies = clients.exchange(server_round, instructions, progress)
         train_seconds = time.perf_counter() - t_round
+        if cfg.privacy.audit_update:
+            upload = _keep_upload(str(cfg.privacy.audit_client), server, server_round, global_adapter, instructions,
+                                  replies) or upload
         outcome = server.aggregate_round(server_round, global_adapter, replies.messages, state,
                                          sent_to=list(instructions), summed=replies.summed)
         global_adapter, state = outcome.global_adapter, outcome.state
@@ -280,7 +287,23 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
         progress.end_round()
         if stop_after_round is not None and server_round == stop_after_round:
             _crash(server_round)
-    return _finish(cfg, run_dir, resident, clients, global_adapter, state, records, t_start)
+    return _finish(cfg, run_dir, resident, clients, global_adapter, state, records, t_start, upload)
+
+
+def _keep_upload(audited: str, server, server_round: int, global_adapter, instructions,
+                 replies: Replies) -> Upload | None:
+    """The audited client's message of this round as the server decodes it (None if it sent none)."""
+    from fedguard.federated.transport import decode_update
+
+    for m in replies.messages:
+        if m.client_id == audited:
+            try:
+                tensors = decode_update(m, global_adapter, server.wire, server.max_update_bytes).tensors
+            except Exception:  # noqa: BLE001 - the server would reject it as well: nothing to attack
+                return None
+            return Upload(server_round, instructions[audited].config, global_adapter,
+                          server.wire.full_view(tensors, global_adapter))
+    return None
 
 
 def _crash(server_round: int) -> None:
@@ -292,49 +315,27 @@ def _crash(server_round: int) -> None:
 
 
 def _finish(cfg: ExperimentConfig, run_dir: Path, resident: Resident, clients, global_adapter, state: ServerState,
-            records: list[dict[str, Any]], t_start: float) -> RunResult:
-    """The run's artifacts: the final adapter (PEFT), FLoRA's merged delta, the privacy audit, final metrics and
-    the report."""
+            records: list[dict[str, Any]], t_start: float, upload: Upload | None = None) -> RunResult:
+    """The run's artifacts: the final adapter (PEFT), FLoRA's merged delta, the privacy audits, final metrics and
+    the report. ``upload``: the audited client's last upload, for the server-view audit."""
     loaded = resident.loaded
     export_peft_adapter(resident.slot, global_adapter, run_dir / "final_adapter", loaded.path)
-    audit = _membership_audit(cfg, resident, clients, global_adapter) if cfg.privacy.audit_membership else None
+    p = cfg.privacy
+    audits = {"membership_inference": membership_audit(cfg, resident, clients, global_adapter)
+              if p.audit_membership else None,
+              "canary_exposure": canary_audit(cfg, resident, global_adapter) if p.canaries else None,
+              "update_attack": update_audit(cfg, resident, clients, upload) if p.audit_update else None}
     if cfg.lora.variant == "flora":  # FLoRA's result lives in the base weights: W = W_base + ΔW per module
         save_tensors(run_dir / FLORA_DELTA_FILE,
                      {base_layer_key(m): d.float() for m, d in flora_merged(state).items()})
     final = _final_metrics(cfg, records, time.perf_counter() - t_start, loaded)
-    if audit is not None:
-        final["membership_inference"] = audit
+    final.update({k: v for k, v in audits.items() if v is not None})
     atomic_write_json(run_dir / FINAL_METRICS_FILE, final)
     from fedguard.reporting.report import write_report
 
     report = write_report(run_dir, cfg, records, final)
     log.info("report: %s", report)
     return RunResult(run_dir, final, report)
-
-
-def _membership_audit(cfg: ExperimentConfig, resident: Resident, clients, final_adapter) -> dict[str, Any] | None:
-    """The loss-ratio membership attack on one client's training examples (simulation side: the audit knows
-    which examples were trained on, which no server does)."""
-    from fedguard.data.federation import DataTokenizer, sample_examples
-    from fedguard.data.readers import load_source
-    from fedguard.privacy.audits import membership_inference
-    from fedguard.seeding import numpy_rng
-
-    p, data = cfg.privacy, getattr(clients, "data", None)
-    if data is None or cfg.lora.variant == "flora" or p.audit_client >= len(data):
-        log.warning("membership audit skipped: it needs the embedded engine, a non-FLoRA adapter and client %d",
-                    p.audit_client)
-        return None
-    members = data[p.audit_client].examples[: p.audit_examples]
-    source = cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign"
-    seed = cfg.seed + 2_000_003
-    unseen = load_source(source, "eval", 4 * len(members), seed)  # the evaluation split: no client trains on it
-    rng = numpy_rng(cfg.seed, "membership-audit")
-    non_members = DataTokenizer(resident.loaded.tokenizer, cfg)(sample_examples(unseen, len(members), rng, source))
-    out = membership_inference(resident, resident.theta0, final_adapter, members, non_members)
-    log.info("membership inference on client %d: AUC %.3f (+- %.3f), TPR at 1%% FPR %.3f", p.audit_client,
-             out["auc"], out["auc_standard_error"], out["tpr_at_1pct_fpr"])
-    return {"client": p.audit_client, **out}
 
 
 def _start_or_resume(cfg: ExperimentConfig, run_dir: Path, resume: bool, resident: Resident, server):
