@@ -3,10 +3,13 @@ does to the LoRA-Probe's detection at 7:3.
 
     FEDGUARD_CACHE=.cache/fedguard .venv/bin/python docs/results/dp_sgd.py --out runs/dp-sgd [--part utility|detection]
 
-Utility: the default experiment's benign federation (10 clients, all sampled, 2 rounds x 10 local steps, aligned
-SmolLM2 start, LoRA r 8 q/v), without DP and with DP-SGD in every client at per-example clip 1.0 (the median
-per-example gradient norm at the start is about 0.9) and noise multipliers 0.5 and 1.0, FFA-LoRA and standard LoRA;
-delta 1e-5. Each client's epsilon covers its own 20 steps at q = 4 / its examples.
+Utility and audits: the default experiment's benign federation (10 clients, all sampled, 2 rounds x 10 local
+steps, aligned SmolLM2 start, LoRA r 8 q/v), without DP, with DP-SGD in every client at per-example clip 1.0 (the
+median per-example gradient norm at the start is about 0.9) and noise multipliers 0.5 and 1.0, and with central
+client-level DP at epsilon 8 (FFA-LoRA); delta 1e-5. Each client's DP-SGD epsilon covers its own 20 steps at
+q = 4 / its examples. Every run ends with the three audits on client 0: membership inference (64 of its examples
+against 64 unseen), canary exposure (8 secrets x 4 repeats planted in its data, 128 candidates each) and the
+server's attack on its round-2 upload.
 
 Detection: the default 7:3 federation (3 data-poisoning clients), client-level LoRA-Probe defense, with no DP, with
 client-level central DP (epsilon 8 over the 2 rounds, C 4.91), distributed DP (the same sigma, noise added by the
@@ -24,18 +27,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dp_utility import _run  # noqa: E402  (a finished run of the same config is read back)
 
 from fedguard.config import load_config  # noqa: E402
-from fedguard.simulation.runner import run_experiment  # noqa: E402
-
-
-def _run(cfg, run_dir: Path):
-    from types import SimpleNamespace
-
-    final = run_dir / "final_metrics.json"
-    if final.is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml():
-        return SimpleNamespace(run_dir=run_dir, final_metrics=json.loads(final.read_text()))
-    return run_experiment(cfg, run_dir, quiet=True)
 
 
 def _records(run) -> list[dict]:
@@ -44,27 +40,37 @@ def _records(run) -> list[dict]:
 
 def utility(out: Path) -> None:
     common = ["attack.malicious_clients=0", "defense.level=none", "eval.harmful_prompts=48",
-              "eval.overrefusal_prompts=0", "privacy.delta=1e-5", "privacy.sample_clip=1.0"]
-    cells = [("standard", None), ("ffa", None), ("ffa", 0.5), ("ffa", 1.0), ("standard", 1.0)]
+              "eval.overrefusal_prompts=0", "privacy.delta=1e-5", "privacy.sample_clip=1.0",
+              # the audits, on client 0: membership of 64 of its examples, 8 canaries x 4, the server's view
+              "privacy.audit_membership=true", "privacy.audit_examples=64", "privacy.canaries=8",
+              "privacy.canary_repeats=4", "privacy.audit_update=true"]
+    dpsgd = lambda sigma: ["privacy.sample_dp=dpsgd", f"privacy.sample_noise_multiplier={sigma}"]  # noqa: E731
+    central = ["privacy.client_dp=central", "privacy.clip=3.239", "privacy.noise_multiplier=auto",
+               "privacy.target_epsilon=8"]  # C: the FFA-LoRA median update norm (privacy-smollm2.md)
+    cells = [("standard", "none", []), ("ffa", "none", []), ("ffa", "DP-SGD sigma 0.5", dpsgd(0.5)),
+             ("ffa", "DP-SGD sigma 1", dpsgd(1.0)), ("standard", "DP-SGD sigma 1", dpsgd(1.0)),
+             ("ffa", "central DP eps 8", central)]
     rows, t0 = [], time.perf_counter()
-    for variant, sigma in cells:
-        extra = [] if sigma is None else ["privacy.sample_dp=dpsgd", f"privacy.sample_noise_multiplier={sigma}"]
+    for variant, name, extra in cells:
         cfg = load_config(REPO / "configs" / "default.yaml", common + [f"lora.variant={variant}", *extra])
-        run = _run(cfg, out / f"{variant}-{'none' if sigma is None else f'sigma{sigma:g}'}")
-        final = run.final_metrics
-        eps = final.get("dpsgd", {}).get("epsilon_per_client", {})
-        rows.append((variant, sigma, min(eps.values()) if eps else None, max(eps.values()) if eps else None,
-                     final["after"], final["mean_train_seconds_per_round"]))
-        print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        run = _run(cfg, out / f"{variant}-{name.replace(' ', '-')}")
+        rows.append((variant, name, run.final_metrics))
+        print(variant, name, run.final_metrics["after"], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     before = run.final_metrics["before"]
     print(f"\nbefore: held-out loss {before['eval_loss']:.3f}, exact match {before['exact_match']:.1f} %, "
           f"refusal {before['refusal_rate']:.1f} %")
-    print("| variant | DP-SGD sigma | client epsilon (min-max) | held-out loss | exact match % | refusal % | train s/round |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for variant, sigma, lo, hi, a, secs in rows:
-        eps = "∞ (no DP)" if lo is None else f"{lo:.2f}-{hi:.2f}"
-        print(f"| {variant} | {'-' if sigma is None else sigma} | {eps} | {a['eval_loss']:.3f} | "
-              f"{a['exact_match']:.1f} | {a['refusal_rate']:.1f} | {secs:.0f} |")
+    print("| LoRA | privacy | ε (client level / per client, sample level) | held-out loss | exact match % | refusal % "
+          "| MIA AUC | canary exposure (before) | extraction | server-view AUC | train s/round |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for variant, name, f in rows:
+        a, m, c, u = f["after"], f["membership_inference"], f["canary_exposure"], f["update_attack"]
+        eps = f.get("dpsgd", {}).get("epsilon_per_client", {})
+        level = f"{f['privacy']['epsilon']:.2f} (client)" if f.get("privacy", {}).get("epsilon") else \
+            f"{min(eps.values()):.2f}-{max(eps.values()):.2f} (sample)" if eps else "∞"
+        print(f"| {variant} | {name} | {level} | {a['eval_loss']:.3f} | {a['exact_match']:.1f} | "
+              f"{a['refusal_rate']:.1f} | {m['auc']:.3f} ± {m['auc_standard_error']:.3f} | "
+              f"{c['mean_exposure']:.2f} ({c['before']['mean_exposure']:.2f}) | {100 * (c['extraction_rate'] or 0):.0f} % | "
+              f"{u['auc']:.3f} ± {u['auc_standard_error']:.3f} | {f['mean_train_seconds_per_round']:.0f} |")
 
 
 def detection(out: Path) -> None:

@@ -561,7 +561,7 @@ class PrivacyConfig(_Section):
                                                   description="shares needed to reconstruct a secret")
     secagg_quantization_range: int = Field(default=2 ** 22, ge=2 ** 8)
     secagg_dropout: float = Field(default=0.0, ge=0, lt=1,
-                                  description="simulation only: fraction of each round's clients that drop out "
+                                  description="simulation (both engines): fraction of each round's clients that drop out "
                                               "after masking (their masks are recovered from shares)")
     # Audits at the end of a run (embedded engine: they need a client's training data).
     # Membership inference: the loss-ratio attack on `audit_examples` of client `audit_client`'s examples

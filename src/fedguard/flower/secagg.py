@@ -43,6 +43,7 @@ from flwr.server.strategy import Strategy
 
 from fedguard.flower import records
 from fedguard.messages import UpdateSum
+from fedguard.privacy.secagg import client_vector, sum_from_vector
 
 log = logging.getLogger("fedguard")
 
@@ -55,28 +56,6 @@ class SimulatedDropout(RuntimeError):
 
 
 # -- the vector a client contributes (the embedded engine's layout: fedguard.privacy.secagg.secure_round_sum) ---
-def client_vector(update, sent_global) -> np.ndarray:
-    """``update`` (already clipped, and noised under distributed DP, by the client) as local - global over the
-    keys of ``sent_global``, flattened in sorted key order, with the client's [norm <= clip] bit last."""
-    from fedguard.aggregators.base import AdapterLayout
-
-    layout = AdapterLayout.of(sent_global)
-    delta = layout.flatten({k: update.tensors[k] for k in sent_global}) - layout.flatten(sent_global)
-    return np.append(delta.numpy(), float(update.metrics.get("dp_unclipped", 0.0))).astype(np.float64)
-
-
-def sum_from_vector(total: np.ndarray, sent_global) -> tuple[dict[str, torch.Tensor], float]:
-    """The summed vector back as tensors shaped like ``sent_global`` (float64) and the sum of the bits."""
-    from fedguard.aggregators.base import AdapterLayout
-
-    layout = AdapterLayout.of(sent_global)
-    if total.shape != (layout.size + 1,) or not np.all(np.isfinite(total)):
-        raise ValueError(f"the secure sum has shape {total.shape} (expected {(layout.size + 1,)}) or is not finite")
-    flat = torch.from_numpy(np.array(total[:-1], dtype=np.float64))
-    summed = {k: flat[sl].reshape(shape) for (k, sl), shape in zip(layout.slices().items(), layout.shapes)}
-    return summed, float(total[-1])
-
-
 def quantize_seed(seed: int, server_round: int, client_id: str) -> int:
     """The seed of a client's stochastic rounding in a round: the embedded engine's (SecAggClient)."""
     from fedguard.seeding import derive_seed

@@ -439,7 +439,6 @@ def secure_sum(vectors: Mapping[str, np.ndarray], settings: SecAggSettings, seed
 
 
 # -- one federated round's updates -----------------------------------------------------------------------------
-BIT_SLOT = 1  # the last coordinate carries the client's [norm <= clip] bit (adaptive clipping)
 
 
 def round_settings(rc, quantization_range: int, share_fraction: float,
@@ -452,26 +451,45 @@ def round_settings(rc, quantization_range: int, share_fraction: float,
                           reconstruction_fraction=reconstruction_fraction)
 
 
+def client_vector(update, sent_global) -> np.ndarray:
+    """``update`` (already clipped, and noised under distributed DP, by the client) as local - global over the
+    keys of ``sent_global``, flattened in sorted key order, with the client's [norm <= clip] bit last."""
+    from fedguard.aggregators.base import AdapterLayout
+
+    layout = AdapterLayout.of(sent_global)
+    delta = layout.flatten({k: update.tensors[k] for k in sent_global}) - layout.flatten(sent_global)
+    return np.append(delta.numpy(), float(update.metrics.get("dp_unclipped", 0.0))).astype(np.float64)
+
+
+def sum_from_vector(total: np.ndarray, sent_global) -> tuple[dict, float]:
+    """The summed vector back as tensors shaped like ``sent_global`` (float64) and the sum of the bits."""
+    from fedguard.aggregators.base import AdapterLayout
+
+    layout = AdapterLayout.of(sent_global)
+    if total.shape != (layout.size + 1,) or not np.all(np.isfinite(total)):
+        raise ValueError(f"the secure sum has shape {total.shape} (expected {(layout.size + 1,)}) or is not finite")
+    import torch
+
+    flat = torch.from_numpy(np.array(total[:-1], dtype=np.float64))
+    summed = {k: flat[sl].reshape(shape) for (k, sl), shape in zip(layout.slices().items(), layout.shapes)}
+    return summed, float(total[-1])
+
+
 def secure_round_sum(updates, sent_global, settings: SecAggSettings, seed: int, dropped: Collection[str] = ()):
     """The round's ``UpdateSum`` from the clients' updates (already clipped, and noised under distributed DP, by
-    each client): every client's vector is its update (local - global, flattened) and its bit, masked by SecAgg+;
+    each client): every client's vector is ``client_vector`` (its update, flattened, and its bit), masked by SecAgg+;
     the server gets only their sum. ``dropped``: clients that share keys and then never send their vector."""
     import torch
 
-    from fedguard.aggregators.base import AdapterLayout
     from fedguard.messages import UpdateSum
 
-    layout = AdapterLayout.of(sent_global)
-    base = layout.flatten(sent_global)
-    vectors = {u.client_id: np.append((layout.flatten({k: u.tensors[k] for k in sent_global}) - base).numpy(),
-                                      float(u.metrics.get("dp_unclipped", 0.0))) for u in updates}
+    vectors = {u.client_id: client_vector(u, sent_global) for u in updates}
     if len(vectors) < 2:  # no secret to keep among fewer than two: nothing is summed, the round moves nothing
         return UpdateSum({k: torch.zeros_like(t, dtype=torch.float64) for k, t in sent_global.items()}, [],
                          report={"secure_aggregation": "secagg+", "skipped": f"{len(vectors)} client(s)"})
     out = secure_sum(vectors, settings, seed, dropped)
-    total = torch.from_numpy(out.total[:-BIT_SLOT].copy())
-    summed = {k: total[sl].reshape(shape) for (k, sl), shape in zip(layout.slices().items(), layout.shapes)}
-    return UpdateSum(summed, out.survivors, float(out.total[-BIT_SLOT]),
+    summed, unclipped = sum_from_vector(out.total, sent_global)
+    return UpdateSum(summed, out.survivors, unclipped,
                      report={"secure_aggregation": "secagg+", "dropped": out.dropped, "bytes_up": out.bytes_up,
                              "bytes_down": out.bytes_down, "clipping_range": settings.clipping_range,
                              "quantization_range": settings.quantization_range})
