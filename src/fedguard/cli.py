@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   fedguard sweep configs/default.yaml
   fedguard align configs/default.yaml
   fedguard aggregator-study configs/aggregator-study.yaml
+  fedguard split train configs/split.yaml
+  fedguard split generate configs/split.yaml --prompt "Name three colours." --adapters RUN_DIR/adapters
 """
 
 
@@ -31,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     _run_parsers(sub)
     _study_parsers(sub)
     _deploy_parser(sub)
+    _split_parser(sub)
     prep = sub.add_parser("prepare-model", help="convert the embedded model to a cached safetensors folder")
     prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     return p
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return _align(load_config(args.config, args.overrides))
         if args.command == "deploy":
             return _deploy(args)
+        if args.command == "split":
+            return _split(args)
         if args.command == "prepare-model":
             from fedguard.model.registry import resolve_model_path
 
@@ -268,6 +273,75 @@ def _deploy_parser(sub) -> None:
     lo.add_argument("--run-dir", type=Path, required=True)
     lo.add_argument("--workdir", type=Path, default=Path("deploy-local"))
     lo.add_argument("--port", type=int, default=9093, help="the SuperLink's port; nodes use the next ones")
+
+
+def _split_parser(sub) -> None:
+    sp = sub.add_parser("split", help="FedSEA-style split learning: clients hold the first and last blocks, the "
+                                      "server the middle (train, generate)",
+                        description="U-shaped split learning in process (fedguard.split): every message between "
+                                    "the clients and the server goes through bytes and is metered.")
+    ssub = sp.add_subparsers(dest="split_command", metavar="STEP", required=True)
+    tr = ssub.add_parser("train", help="split-train every client (config section `split`) and write a run folder",
+                         description="Train split.steps steps per client in split.mode; writes config.yaml, "
+                                     "metrics.ndjson (per step: loss, bytes per message kind, mean|h_A|, noise), "
+                                     "final_metrics.json and adapters/ (safetensors).")
+    tr.add_argument("config")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--run-dir", type=Path, default=None, help="default: OUTPUT_DIR/NAME-split-TIMESTAMP")
+    tr.add_argument("--quiet", action="store_true", help="no console logs (run.log still written)")
+    ge = ssub.add_parser("generate", help="collaborative greedy decoding through the server (KV cache per party)",
+                         description="Greedy decoding of chat prompts with the client's parts and the server's "
+                                     "middle, each with its own KV cache; one [B,1,H] hidden state each way per "
+                                     "token. Prints the answers and the bytes per message kind.")
+    ge.add_argument("config")
+    ge.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ge.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: one batch)")
+    ge.add_argument("--adapters", type=Path, default=None,
+                    help="a `split train` run's adapters/ folder (default: the untrained LoRA θ₀)")
+    ge.add_argument("--client", default="0", help="whose client parts to use from --adapters (default 0)")
+    ge.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens")
+
+
+def _split(args) -> int:
+    from fedguard.split.messages import ProtocolError
+
+    try:
+        return _split_step(args, load_config(args.config, args.overrides))
+    except ProtocolError as exc:
+        print(f"fedguard: {exc}", file=sys.stderr)
+        return 2
+
+
+def _split_step(args, cfg) -> int:
+    if args.split_command == "train":
+        from fedguard.split.train import train_split
+
+        result = train_split(cfg, args.run_dir, quiet=args.quiet)
+        m = result.final_metrics
+        print(f"loss {m['loss_first']:.4f} -> {m['loss_last']:.4f} over {m['client_steps']} client steps; "
+              f"{m['bytes_total']} bytes over the wire")
+        print(f"run directory: {result.run_dir}")
+        return 0
+    from fedguard.model import load_base_model
+    from fedguard.split.generate import generate_texts
+    from fedguard.split.train import build_split_system, load_split_adapters
+
+    max_new = args.max_new_tokens or cfg.eval.max_new_tokens
+    if max_new < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    loaded = load_base_model(cfg.model)
+    system = build_split_system(cfg, loaded, client_ids=[args.client])
+    if args.adapters is not None:
+        load_split_adapters(system, args.adapters, args.client)
+    client = system.clients[0]
+    client.hello()
+    answers = generate_texts(client, loaded.tokenizer, args.prompt, max_new_tokens=max_new,
+                             system_prompt=cfg.data.system_prompt)
+    for prompt, answer in zip(args.prompt, answers):
+        print(f"> {prompt}\n{answer}\n")
+    sent = system.transport.bytes_of()
+    print("bytes per message kind (up/down): " + ", ".join(f"{k} {v['up']}/{v['down']}" for k, v in sent.items()))
+    return 0
 
 
 def _deploy(args) -> int:

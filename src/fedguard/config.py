@@ -588,6 +588,52 @@ class PrivacyConfig(_Section):
         return self
 
 
+class SplitNoiseConfig(_Section):
+    """Gaussian noise on the client's outgoing hidden state h_A, in training only (FedSEA §2; not DP)."""
+
+    # off; relative: mean|noise| = scale * mean|h_A| (the step's measured activation scale; use this across
+    # models: SmolLM2's mean|h_A| is ~50x LLaMA-2-7B's); absolute: mean|noise| = scale. sigma = m * sqrt(pi / 2).
+    mode: Literal["off", "relative", "absolute"] = "off"
+    scale: float = Field(default=0.5, ge=0, description="r (relative) or the mean absolute noise m (absolute)")
+
+
+class SplitGradNoiseConfig(_Section):
+    """Optional per-sample clipping and Gaussian noise on the gradient g_B the client sends (off by default)."""
+
+    clip: float | None = Field(default=None, gt=0, description="L2 bound on each sample's g_B (null: no clipping)")
+    std: float = Field(default=0.0, ge=0, description="std of the Gaussian noise added to g_B (0: none)")
+
+
+class SplitConfig(_Section):
+    """`fedguard split`: FedSEA-style U-shaped split learning (fedguard.split). Clients hold the embedding, the
+    first k_a and the last k_c decoder blocks, the head and the loss; the server the blocks between."""
+
+    k_a: int = Field(default=2, ge=1, description="client input blocks (with the embedding)")
+    k_c: int = Field(default=2, ge=1, description="client output blocks (with the final norm, head and loss); "
+                                                 "k_a + k_c < the model's layers is checked when it is loaded")
+    mode: Literal["sequential", "batch_parallel", "hierarchical"] = "sequential"
+    steps: int = Field(default=20, ge=1, description="training steps per client")
+    noise: SplitNoiseConfig = Field(default_factory=SplitNoiseConfig)
+    grad_noise: SplitGradNoiseConfig = Field(default_factory=SplitGradNoiseConfig)
+    average_every: int = Field(default=5, ge=1, description="hierarchical: FedAvg of the server's copies every N steps")
+    aggregate_clients: bool = Field(default=False, description="exact mean of the clients' B·A of their own parts "
+                                                               "(simulated in process), merged into those layers")
+    aggregate_every: int = Field(default=0, ge=0, description="with aggregate_clients: every N steps (0: at the end)")
+    wire_dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="hidden states and gradients "
+                                                                                   "on the wire")
+    max_message_mb: float = Field(default=64.0, gt=0, description="larger messages are refused")
+    barrier_timeout: float = Field(default=600.0, gt=0, description="seconds the server waits for other clients "
+                                                                    "(batch_parallel, hierarchical, sequential turns)")
+    eval_examples: int = Field(default=8, ge=0, description="held-out examples whose loss each client measures "
+                                                            "through the server before and after training (0: off)")
+
+    @model_validator(mode="after")
+    def _aggregate_every_needs_aggregation(self) -> SplitConfig:
+        if self.aggregate_every and not self.aggregate_clients:
+            raise ValueError("aggregate_every is only used with aggregate_clients: true")
+        return self
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 2023
@@ -607,6 +653,7 @@ class ExperimentConfig(_Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     aggregator_study: AggregatorStudyConfig = Field(default_factory=AggregatorStudyConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
 
     @field_validator("name")
     @classmethod

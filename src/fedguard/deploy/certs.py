@@ -7,6 +7,12 @@
   nodes/node-K, nodes/node-K.pub each SuperNode's authentication key pair (EC P-384, OpenSSH format,
                                  what flower-supernode --auth-supernode-private-key and node registration read)
 
+``make_client_cert(creds, client_id)`` adds, signed by the same CA (for mutual TLS, e.g. the split-learning
+transport, which binds the certificate's CN/SAN to the client id a client claims):
+
+  clients/<id>.pem, clients/<id>.key   one client's TLS certificate (CN and DNS SAN = the client id,
+                                       extended key usage clientAuth) and its private key
+
 Private keys are written 0600. Only the public keys (and ca.crt) ever leave the site that made them.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +49,16 @@ class Credentials:
 
     def node_public_key(self, k: int) -> Path:
         return self.root / "nodes" / f"node-{k}.pub"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    def client_cert(self, client_id: str) -> Path:
+        return self.root / "clients" / f"{client_id}.pem"
+
+    def client_key(self, client_id: str) -> Path:
+        return self.root / "clients" / f"{client_id}.key"
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -130,3 +147,35 @@ def write_node_key(path: str | Path) -> Path:
     _write(path.with_name(path.name + ".pub"), key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return path
+
+
+# a client id that is safe as a file name, a certificate CN and a DNS SAN
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def make_client_cert(creds: Credentials, client_id: str, valid_days: int = VALID_DAYS) -> tuple[Path, Path]:
+    """A TLS client certificate for ``client_id`` signed by the federation's CA (``creds.ca_key`` must be
+    present: run where the CA lives). CN and DNS SAN are the client id, so a server can bind the TLS identity to
+    the client id a request claims. Returns (certificate, private key) paths; the key is written 0600."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not _CLIENT_ID.fullmatch(client_id):
+        raise ValueError(f"client id {client_id!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
+    pem = serialization.Encoding.PEM
+    ca = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(creds.ca_key.read_bytes(), password=None)
+    now = dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder().subject_name(_name(client_id)).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=valid_days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(client_id)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    _write(creds.client_cert(client_id), cert.public_bytes(pem))
+    _write(creds.client_key(client_id), key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()), private=True)
+    return creds.client_cert(client_id), creds.client_key(client_id)

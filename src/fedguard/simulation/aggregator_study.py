@@ -164,15 +164,30 @@ def _check_fits_study(cfg: ExperimentConfig) -> None:
 def _check_same_study(cfg: ExperimentConfig, out_dir: Path) -> None:
     """Rows in a folder are reused only for the config that made them (the study lists may differ)."""
     path = out_dir / "config.json"
-    mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("aggregator_study", "sweep", "name")}
+    skip = ("aggregator_study", "sweep", "name", "split")  # split learning is not a study's concern
+    mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     if path.is_file():
         theirs = json.loads(path.read_text(encoding="utf-8"))
-        if theirs != mine:
-            diff = differing_fields(theirs, mine)
+        # a field added to the config after the folder was written counts as its default there
+        defaults = ExperimentConfig().model_dump(mode="json")
+        diff = [f for f in differing_fields(theirs, mine) if not _added_at_default(f, theirs, mine, defaults)]
+        if diff:
             raise ConfigError(f"{out_dir} holds a study of a different config ({', '.join(diff[:6])}"
                               f"{' ...' if len(diff) > 6 else ''} differ); pass another --out or remove it")
     else:
         atomic_write_text(path, json.dumps(mine, indent=2, sort_keys=True) + "\n")
+
+
+def _added_at_default(field: str, theirs: dict, mine: dict, defaults: dict) -> bool:
+    def get(d, parts):
+        for part in parts:
+            if not isinstance(d, dict) or part not in d:
+                return KeyError
+            d = d[part]
+        return d
+
+    parts = field.split(".")
+    return get(theirs, parts) is KeyError and get(mine, parts) == get(defaults, parts)
 
 
 def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:

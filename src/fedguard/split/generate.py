@@ -1,0 +1,103 @@
+"""Collaborative greedy decoding through the transport, with a KV cache per party (FedSEA reference §3.2).
+
+``collaborative_greedy(client, input_ids, counts, ...)``:
+
+1. prefill: the client runs A over the right-padded prompts with its own A cache and sends ``prefill``
+   (``hidden [B,T,H]``, ``counts [B]``); the server runs B with a fresh cache of its own layers and replies
+   ``hidden [B,T,H]``; the client runs C with its C cache and takes the next token at each row's last real
+   position;
+2. each decode step: the client embeds only the new token through A, sends ``decode`` with ``hidden [B,1,H]``
+   (no counts, positions or mask: each party's ``PartCache`` remembers what it has seen), the server extends
+   its cache and replies ``hidden [B,1,H]``; the next token goes from C to A inside the client;
+3. ``end`` when every row has emitted EOS or after ``max_new_tokens``: the server drops its cache; the
+   client's caches are local to the call (reset per request).
+
+K/V never leave their party; there is no noise at inference. The tokens equal the unsplit model's greedy
+tokens (``generate(do_sample=False)``) up to fp32 rounding when the wire dtype is the model's dtype; a
+lower-precision wire (bf16/fp16) rounds the hidden states and may change them. Batches may hold prompts of
+different lengths (right padding); rows that finished continue with ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from fedguard.split.client import SplitClient
+
+__all__ = ["collaborative_greedy", "generate_texts"]
+
+
+@torch.no_grad()
+def collaborative_greedy(client: SplitClient, input_ids: torch.Tensor, counts: torch.Tensor | None = None, *,
+                         max_new_tokens: int, eos_token_id: int | Iterable[int] | None = None,
+                         pad_token_id: int | None = None) -> torch.Tensor:
+    """The new tokens ``[B, n]`` (n <= max_new_tokens) of greedy decoding through client and server."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    seam, t = client.seam, client.transport
+    batch, length = input_ids.shape
+    counts = (torch.full((batch,), length, dtype=torch.long) if counts is None
+              else torch.as_tensor(counts, dtype=torch.long))
+    if int(counts.min()) < 1:
+        raise ValueError("every prompt needs at least one token")
+    eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())),
+                       dtype=torch.long)
+    if eos.numel() and pad_token_id is None:
+        raise ValueError("pad_token_id is needed with eos_token_id (rows that finished are padded)")
+    front_cache, back_cache = seam.front.new_cache(), seam.back.new_cache()
+    rows = torch.arange(batch)
+    shape = (batch, length, client.hidden_size)
+    try:
+        with client.lock:
+            client.activate(train=False)
+            with client.autocast():
+                h = seam.front(input_ids, counts, cache=front_cache)
+        reply, _ = t.call("prefill", client.id, {"hidden": h.to(client.wire_dtype), "counts": counts}, {})
+        h = client._reply_tensor("prefill", reply, "hidden", shape)
+        with client.lock:
+            client.activate(train=False)
+            with client.autocast():
+                h = seam.back(h, counts, cache=back_cache)
+                nxt = seam.logits(h[rows, counts - 1]).argmax(-1)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        out = []
+        for step in range(max_new_tokens):
+            tok = torch.where(finished, pad_token_id if pad_token_id is not None else 0, nxt)
+            out.append(tok)
+            if eos.numel():
+                finished |= torch.isin(tok, eos)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            with client.lock:
+                client.activate(train=False)
+                with client.autocast():
+                    h = seam.front(tok[:, None], cache=front_cache)
+            reply, _ = t.call("decode", client.id, {"hidden": h.to(client.wire_dtype)}, {})
+            h = client._reply_tensor("decode", reply, "hidden", (batch, 1, client.hidden_size))
+            with client.lock:
+                client.activate(train=False)
+                with client.autocast():
+                    h = seam.back(h, cache=back_cache)
+                    nxt = seam.logits(h[:, -1]).argmax(-1)
+        return torch.stack(out, dim=1)
+    finally:
+        t.call("end", client.id, {}, {})
+
+
+def generate_texts(client: SplitClient, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                   system_prompt: str | None = None) -> list[str]:
+    """Chat prompts (the model's template) through ``collaborative_greedy``; the decoded answers."""
+    from fedguard.data.tokenize import render_prompt
+
+    seqs = [tokenizer(render_prompt(tokenizer, [{"role": "user", "content": p}], system_prompt),
+                      add_special_tokens=False)["input_ids"] for p in prompts]
+    counts = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    ids = torch.full((len(seqs), int(counts.max())), tokenizer.pad_token_id, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+    new = collaborative_greedy(client, ids, counts, max_new_tokens=max_new_tokens,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode([x for x in row if x != tokenizer.pad_token_id], skip_special_tokens=True)
+            for row in new.tolist()]
