@@ -261,3 +261,36 @@ def test_the_config_refuses_dpsgd_with_a_shadow_branch_outside_the_guarantee():
 
     with pytest.raises(ConfigError, match="shadow"):
         tiny_config(privacy={"sample_dp": "dpsgd"}, defense={"level": "shadow"})
+
+
+# -- DP and the defense ------------------------------------------------------------------------------------------
+def test_the_probe_judges_updates_before_central_noise_and_noisy_ones_under_distributed_dp():
+    """Central DP: the client level weighs the updates as the clients sent them, so its verdicts are those of a
+    run without DP. Distributed DP: the server (and the probe) only ever sees updates with the clients' noise."""
+    from test_defense import _toy_probe
+
+    from fedguard.config import DefenseConfig
+    from fedguard.defenses.defense import ProbeDefense
+    from fedguard.federated.aggregation import build_aggregator
+    from fedguard.federated.server import FederatedServer
+    from fedguard.privacy.client_dp import ClientLevelDP, privatize_update
+
+    probe, theta0 = _toy_probe()
+    b = "m.layers.0.q.lora_B.weight"
+    updates = [ClientUpdate("0", {**theta0, b: -torch.ones(4, 2)}, 1), ClientUpdate("1", {**theta0, b: torch.ones(4, 2)}, 1)]
+
+    def verdicts(privacy, sent):
+        server = FederatedServer(build_aggregator("fedavg"), 2 ** 20, ProbeDefense(DefenseConfig(level="client"), probe,
+                                                                                    theta0, 2, 4, 1e-3), privacy=privacy)
+        out = server.aggregate_round(1, theta0, sent, ServerState())
+        return [v.weight for v in out.verdicts]
+
+    dp = dict(clip=1.0, noise_multiplier=3.0, sample_rate=1.0, num_clients=2, delta=1e-5, seed=0)
+    plain = verdicts(None, updates)
+    assert plain[0] > 0.9 and plain[1] < 0.1
+    assert verdicts(ClientLevelDP(**dp), updates) == plain  # central: judged before clipping and noise
+    distributed = ClientLevelDP(**dp, mode="distributed")
+    rc = RoundConfig(1, 0.1, 1, 1, 1, seed=5, **distributed.client_requests(ServerState()))
+    noisy = [ClientUpdate(u.client_id, privatize_update(u.tensors, theta0, [b], rc, u.client_id)[0], 1)
+             for u in updates]
+    assert verdicts(distributed, noisy) != plain  # the probe sees the clients' noise (std 2.1 on entries of ±0.35)

@@ -11,9 +11,11 @@ q = 4 / its examples. Every run ends with the three audits on client 0: membersh
 against 64 unseen), canary exposure (8 secrets x 4 repeats planted in its data, 128 candidates each) and the
 server's attack on its round-2 upload.
 
-Detection: the default 7:3 federation (3 data-poisoning clients), client-level LoRA-Probe defense, with no DP, with
-client-level central DP (epsilon 8 over the 2 rounds, C 4.91), distributed DP (the same sigma, noise added by the
-clients) and DP-SGD (noise multiplier 1.0). TPR / FPR per round of the probe's verdicts against ground truth.
+Detection: the default 7:3 federation (3 data-poisoning clients), client-level LoRA-Probe defense, with no DP,
+distributed client-level DP (epsilon 8 over the 2 rounds, C 4.91, the noise added by the clients) and DP-SGD (noise
+multiplier 1.0). TPR / FPR per round of the probe's verdicts against ground truth. Central DP is not run: the probe
+judges the updates before the server clips and noises them, so its verdicts are those without DP
+(tests/test_privacy_mechanisms.py::test_the_probe_judges_updates_before_central_noise_and_noisy_ones_under_distributed_dp).
 Runs one after another; a finished run of the same config is read back.
 """
 
@@ -78,8 +80,6 @@ def detection(out: Path) -> None:
               "eval.benign_prompts=0", "privacy.delta=1e-5"]
     cells = {
         "no DP": [],
-        "central DP eps 8": ["privacy.client_dp=central", "privacy.clip=4.911", "privacy.noise_multiplier=auto",
-                             "privacy.target_epsilon=8"],
         "distributed DP eps 8": ["privacy.client_dp=distributed", "privacy.clip=4.911",
                                  "privacy.noise_multiplier=auto", "privacy.target_epsilon=8"],
         "DP-SGD sigma 1": ["privacy.sample_dp=dpsgd", "privacy.sample_clip=1.0", "privacy.sample_noise_multiplier=1.0"],
