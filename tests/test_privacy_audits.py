@@ -150,15 +150,16 @@ def test_a_run_reports_the_three_audits_and_dpsgd_blinds_the_servers_view(tmp_pa
     from fedguard.simulation.runner import run_experiment
 
     overfit = dict(federation={"num_clients": 2, "clients_per_round": 2, "rounds": 2},
-                   data={"examples_per_client": 16, "max_length": 96},
-                   train={"local_steps": 20, "batch_size": 4, "lr": 5e-2, "lr_schedule": "constant"},
+                   data={"examples_per_client": 32, "max_length": 96},
+                   train={"local_steps": 40, "batch_size": 4, "lr": 5e-2, "lr_schedule": "constant"},
                    lora={"r": 16, "alpha": 32, "dropout": 0.0, "init_seed": 5})
     audits = {"audit_membership": True, "audit_examples": 16, "audit_update": True, "canaries": 4,
               "canary_repeats": 4, "canary_candidates": 31}
     plain = run_experiment(tiny_config(**overfit, privacy=audits), tmp_path / "plain", quiet=True).final_metrics
     assert plain["update_attack"]["auc"] > 0.8 and plain["update_attack"]["round"] == 2
     assert plain["canary_exposure"]["mean_exposure"] > plain["canary_exposure"]["before"]["mean_exposure"] + 1.0
-    assert plain["membership_inference"]["members"] == 16
+    assert plain["update_attack"]["non_members_from"] == "the client's examples not drawn in that round"
+    assert plain["membership_inference"]["members"] == plain["membership_inference"]["non_members"] > 8
     private = run_experiment(tiny_config(**overfit, privacy={**audits, "sample_dp": "dpsgd", "sample_clip": 0.01,
                                                              "sample_noise_multiplier": 2.0}),
                              tmp_path / "dpsgd", quiet=True).final_metrics

@@ -40,7 +40,7 @@ def _records(run) -> list[dict]:
     return [json.loads(line) for line in (run.run_dir / "metrics.ndjson").read_text().splitlines()]
 
 
-def utility(out: Path) -> None:
+def utility(out: Path, only: list[str] | None = None) -> None:
     common = ["attack.malicious_clients=0", "defense.level=none", "eval.harmful_prompts=48",
               "eval.overrefusal_prompts=0", "privacy.delta=1e-5", "privacy.sample_clip=1.0",
               # the audits, on client 0: membership of 64 of its examples, 8 canaries x 4, the server's view
@@ -52,6 +52,8 @@ def utility(out: Path) -> None:
     cells = [("standard", "none", []), ("ffa", "none", []), ("ffa", "DP-SGD sigma 0.5", dpsgd(0.5)),
              ("ffa", "DP-SGD sigma 1", dpsgd(1.0)), ("standard", "DP-SGD sigma 1", dpsgd(1.0)),
              ("ffa", "central DP eps 8", central)]
+    if only:  # e.g. "ffa/none"
+        cells = [c for c in cells if f"{c[0]}/{c[1]}" in only]
     rows, t0 = [], time.perf_counter()
     for variant, name, extra in cells:
         cfg = load_config(REPO / "configs" / "default.yaml", common + [f"lora.variant={variant}", *extra])
@@ -103,9 +105,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/dp-sgd"))
     ap.add_argument("--part", choices=["utility", "detection", "both"], default="both")
+    ap.add_argument("--cells", nargs="*", help="utility cells to run, as LORA/PRIVACY (e.g. 'ffa/none')")
     args = ap.parse_args()
     if args.part in ("utility", "both"):
-        utility(args.out)
+        utility(args.out, args.cells)
     if args.part in ("detection", "both"):
         detection(args.out)
 

@@ -26,6 +26,9 @@ class ClientData:
     client_id: int
     examples: list[TokenizedExample]
     composition: dict[str, int] = field(default_factory=dict)  # domain/kind -> count, for the report
+    # the membership audit's non-members: examples of this client's own data held out of its training (same
+    # distribution as its training examples; only the audited client, only when the audit is on)
+    held_out: list[TokenizedExample] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -118,7 +121,11 @@ def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids) -> list[ClientD
     clients = []
     for cid in wanted_ids:
         n_ref = wanted[cid][1]
-        mixed = per_client[cid] + refusal_pool[offsets[cid]: offsets[cid] + n_ref]
+        own, held = per_client[cid], []
+        if cfg.privacy.audit_membership and cid == cfg.privacy.audit_client:  # never trained on: non-members
+            keep = max(len(own) - cfg.privacy.audit_examples, len(own) // 2)
+            own, held = own[:keep], own[keep:]
+        mixed = own + refusal_pool[offsets[cid]: offsets[cid] + n_ref]
         if cfg.privacy.canaries and cid == cfg.privacy.audit_client:  # the canary audit's secrets, planted
             mixed += canary_examples(run_canaries(cfg), cfg.privacy.canary_repeats)
         order = numpy_rng(cfg.seed, "client-order", cid).permutation(len(mixed))
@@ -127,7 +134,7 @@ def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids) -> list[ClientD
         if not examples:
             raise DataError(f"client {cid} has no usable examples after tokenisation (data.max_length={d.max_length})")
         comp = Counter(e.domain if e.kind == "benign" else e.kind for e in mixed)
-        clients.append(ClientData(cid, examples, dict(sorted(comp.items()))))
+        clients.append(ClientData(cid, examples, dict(sorted(comp.items())), tok(held)))
     if tok.dropped:
         log.warning("dropped %d examples with no completion token left after truncation", tok.dropped)
     return clients

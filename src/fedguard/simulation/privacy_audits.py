@@ -68,9 +68,14 @@ def membership_audit(cfg: ExperimentConfig, resident, clients, final_adapter) ->
     data = _audited_data(cfg, clients, "membership audit")
     if data is None:
         return None
-    members = _not_canaries(cfg, resident, data.examples)[: cfg.privacy.audit_examples]
-    out = membership_inference(resident, resident.theta0, final_adapter, members,
-                               _non_members(cfg, resident, len(members)), batch_size=16)
+    # non-members: the client's own examples held out of its training (same distribution as its members); the
+    # evaluation split of the source only where none were held out (a different mix of domains: confounded)
+    held = data.held_out
+    members = _not_canaries(cfg, resident, data.examples)[: len(held) or cfg.privacy.audit_examples]
+    non_members = held[: len(members)] if held else _non_members(cfg, resident, len(members))
+    out = membership_inference(resident, resident.theta0, final_adapter, members[: len(non_members)], non_members,
+                               batch_size=16)
+    out["non_members_from"] = "the client's held-out examples" if held else "the source's evaluation split"
     log.info("membership inference on client %d: AUC %.3f (+- %.3f), TPR at 1%% FPR %.3f", cfg.privacy.audit_client,
              out["auc"], out["auc_standard_error"], out["tpr_at_1pct_fpr"])
     return {"client": cfg.privacy.audit_client, **out}
@@ -102,10 +107,23 @@ def update_audit(cfg: ExperimentConfig, resident, clients, upload: Upload | None
         log.warning("update audit skipped: client %d sent no update in this process (resumed after its last "
                     "round, or never sampled)", cfg.privacy.audit_client)
         return None
-    drawn = [data.examples[i] for i in trained_on(batch_plan(upload.config, len(data.examples), str(data.client_id)))]
-    members = _not_canaries(cfg, resident, drawn)[: cfg.privacy.audit_examples]
-    out = update_attack(resident, upload.global_adapter, upload.adapter, members,
-                        _non_members(cfg, resident, len(members)))
+    from fedguard.seeding import numpy_rng
+
+    # members: what the client drew that round; non-members: its own examples it did not draw that round (the same
+    # distribution: the attack must find the round's examples, not the client's domains)
+    drawn = set(trained_on(batch_plan(upload.config, len(data.examples), str(data.client_id))))
+    members = _not_canaries(cfg, resident, [data.examples[i] for i in sorted(drawn)])
+    rest = _not_canaries(cfg, resident, [e for i, e in enumerate(data.examples) if i not in drawn]) + data.held_out
+    k = min(len(members), len(rest), cfg.privacy.audit_examples)
+    if k < 4:
+        log.warning("update audit skipped: client %d has %d drawn and %d undrawn examples (needs 4 of each)",
+                    cfg.privacy.audit_client, len(members), len(rest))
+        return None
+    rng = numpy_rng(cfg.seed, "update-audit")
+    members = [members[i] for i in sorted(rng.choice(len(members), k, replace=False))]
+    non_members = [rest[i] for i in sorted(rng.choice(len(rest), k, replace=False))]
+    out = update_attack(resident, upload.global_adapter, upload.adapter, members, non_members)
+    out["non_members_from"] = "the client's examples not drawn in that round"
     log.info("server-view attack on client %d's round-%d update: AUC %.3f (+- %.3f)", cfg.privacy.audit_client,
              upload.server_round, out["auc"], out["auc_standard_error"])
     return {"client": cfg.privacy.audit_client, "round": upload.server_round, **out}
