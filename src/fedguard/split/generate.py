@@ -26,7 +26,7 @@ import torch
 
 from fedguard.split.client import SplitClient
 
-__all__ = ["collaborative_greedy", "generate_texts"]
+__all__ = ["chat_batch", "collaborative_greedy", "generate_chat", "generate_texts"]
 
 
 @torch.no_grad()
@@ -86,9 +86,9 @@ def collaborative_greedy(client: SplitClient, input_ids: torch.Tensor, counts: t
         t.call("end", client.id, {}, {})
 
 
-def generate_texts(client: SplitClient, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-                   system_prompt: str | None = None) -> list[str]:
-    """Chat prompts (the model's template) through ``collaborative_greedy``; the decoded answers."""
+def chat_batch(tokenizer, prompts: Sequence[str], system_prompt: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat prompts (the model's template) as right-padded ``input_ids [B, T]`` and token counts ``[B]``."""
     from fedguard.data.tokenize import render_prompt
 
     seqs = [tokenizer(render_prompt(tokenizer, [{"role": "user", "content": p}], system_prompt),
@@ -97,7 +97,22 @@ def generate_texts(client: SplitClient, tokenizer, prompts: Sequence[str], *, ma
     ids = torch.full((len(seqs), int(counts.max())), tokenizer.pad_token_id, dtype=torch.long)
     for row, s in enumerate(seqs):
         ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids, counts
+
+
+def generate_chat(client: SplitClient, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  system_prompt: str | None = None) -> tuple[list[str], torch.Tensor]:
+    """``collaborative_greedy`` on chat prompts through ``client``'s transport (in process or over the network):
+    the decoded answers and the new tokens ``[B, n]``."""
+    ids, counts = chat_batch(tokenizer, prompts, system_prompt)
     new = collaborative_greedy(client, ids, counts, max_new_tokens=max_new_tokens,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode([x for x in row if x != tokenizer.pad_token_id], skip_special_tokens=True)
-            for row in new.tolist()]
+    texts = [tokenizer.decode([x for x in row if x != tokenizer.pad_token_id], skip_special_tokens=True)
+             for row in new.tolist()]
+    return texts, new
+
+
+def generate_texts(client: SplitClient, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                   system_prompt: str | None = None) -> list[str]:
+    """Chat prompts (the model's template) through ``collaborative_greedy``; the decoded answers."""
+    return generate_chat(client, tokenizer, prompts, max_new_tokens=max_new_tokens, system_prompt=system_prompt)[0]
