@@ -21,6 +21,27 @@ def tiny_loaded():
     return loaded, peft_model, slot
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (the tiny models are faster so on 2 shared cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny4_path(tmp_path_factory, one_thread):
+    """A 4-layer tiny LLaMA (the split tests need a middle between the client's blocks)."""
+    from fedguard.model.tiny import build_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny4")
+    build_tiny_llama(path, layers=4)
+    return path
+
+
 def tiny_config(**sections):
     from fedguard.config import build_config
 

@@ -24,13 +24,7 @@ from fedguard.deploy.certs import make_client_cert, make_credentials
 
 STARTUP_TIMEOUT = 240  # the machine may be busy: a fresh interpreter imports torch and transformers
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,7 @@ from conftest import tiny_config
 
 from fedguard.split.messages import KINDS, ProtocolError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny4_path(tmp_path_factory, one_thread):
-    from fedguard.model.tiny import build_tiny_llama
-
-    path = tmp_path_factory.mktemp("tiny4")
-    build_tiny_llama(path, layers=4)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (conftest)
 
 
 def _cfg(path, **split):
