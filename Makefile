@@ -31,6 +31,7 @@ bench: setup
 	$(PY) benchmarks/bench_local_training.py
 	$(PY) benchmarks/bench_generation.py
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_privacy.py
 	$(VENV)/bin/fedguard probe build configs/default.yaml --out .cache/bench-probe
 	$(PY) benchmarks/bench_defense_overhead.py --probe .cache/bench-probe
 
