@@ -604,6 +604,18 @@ class SplitGradNoiseConfig(_Section):
     std: float = Field(default=0.0, ge=0, description="std of the Gaussian noise added to g_B (0: none)")
 
 
+class SplitNoPeekConfig(_Section):
+    """NoPeek (Vepakomma et al. 2019): the client adds weight * dCor(tokens, h_A) over the real tokens of each batch
+    to its front's loss, so its LoRA learns to send hidden states that say less about the tokens
+    (fedguard.split.protections; bias-corrected distance correlation). A heuristic, not DP: no epsilon."""
+
+    weight: float = Field(default=0.0, ge=0, description="penalty weight (0: off, training unchanged)")
+    inputs: Literal["tokens", "embeddings"] = Field(default="tokens", description="X: one-hot tokens or their "
+                                                                                   "frozen input embeddings")
+    max_tokens: int = Field(default=512, ge=4, description="real tokens per step in the O(n^2) statistic "
+                                                           "(a seeded draw when a batch has more)")
+
+
 class SplitConfig(_Section):
     """`fedguard split`: FedSEA-style U-shaped split learning (fedguard.split). Clients hold the embedding, the
     first k_a and the last k_c decoder blocks, the head and the loss; the server the blocks between."""
@@ -615,6 +627,7 @@ class SplitConfig(_Section):
     steps: int = Field(default=20, ge=1, description="training steps per client")
     noise: SplitNoiseConfig = Field(default_factory=SplitNoiseConfig)
     grad_noise: SplitGradNoiseConfig = Field(default_factory=SplitGradNoiseConfig)
+    nopeek: SplitNoPeekConfig = Field(default_factory=SplitNoPeekConfig)
     average_every: int = Field(default=5, ge=1, description="hierarchical: FedAvg of the server's copies every N steps")
     aggregate_clients: bool = Field(default=False, description="exact mean of the clients' B·A of their own parts "
                                                                "(simulated in process), merged into those layers")

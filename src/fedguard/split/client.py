@@ -17,6 +17,10 @@ Only the client sees token ids, labels, logits and the loss. One AdamW per part 
 and ``train.lr_schedule`` over ``split.steps``, ``train.weight_decay``), gradient clipping per part at
 ``train.max_grad_norm``.
 
+NoPeek (``split.nopeek``, off by default): the front's loss gets ``weight · R*(tokens, h_A)``, the bias-corrected
+distance correlation between the batch's real tokens and the clean ``h_A`` at their positions
+(``fedguard.split.protections``); its gradient joins ``g_A`` in A's backward, and steps log ``nopeek_dcor``.
+
 Noise (``split.noise``): ``relative``: the target mean absolute noise is ``m = scale · mean|h_A|`` (mean over
 the real positions of this step's batch), ``absolute``: ``m = scale``; ``σ = m·√(π/2)``, since
 ``E|N(0, σ²)| = σ·√(2/π)``. Fresh i.i.d. noise every step from a stream per (seed, client, step), on every
@@ -162,6 +166,20 @@ class SplitClient:
         sent = (clean.float() + eps).to(self.wire_dtype)
         return sent, {"mean_abs_h": mean_abs_h, "mean_abs_noise": float(eps.abs().mean()), "noise_sigma": sigma}
 
+    def _nopeek(self, ids: torch.Tensor, h_a: torch.Tensor, counts: torch.Tensor, step: int,
+                stats: dict[str, float]) -> torch.Tensor | None:
+        """``split.nopeek.weight · R*(tokens, h_A)`` with its graph into A (None when off); logs ``nopeek_dcor``."""
+        npk = self.split.nopeek
+        if not npk.weight:
+            return None
+        from fedguard.split.protections import nopeek_penalty
+
+        dcor = nopeek_penalty(self.seam.decoder.embed_tokens, ids, h_a, counts, inputs=npk.inputs,
+                              max_tokens=npk.max_tokens,
+                              generator=torch_generator(self.cfg.seed, "split-nopeek", self.id, step))
+        stats["nopeek_dcor"] = float(dcor.detach())
+        return npk.weight * dcor
+
     def _gradient_noise(self, g: torch.Tensor, counts: torch.Tensor, step: int) -> torch.Tensor:
         gn = self.split.grad_noise
         if gn.clip is None and not gn.std:
@@ -208,6 +226,7 @@ class SplitClient:
             with self.autocast():
                 h_a = self.seam.front(ids, counts)
             sent, stats = self.noised(h_a, counts, step, train=True)
+            penalty = self._nopeek(ids, h_a, counts, step, stats)
         reply, _ = self.transport.call("forward", self.id, {"hidden": sent, "counts": counts},
                                        {"step": step, "train": True})
         h_b = self._reply_tensor("forward", reply, "hidden", shape).detach().requires_grad_(True)
@@ -222,7 +241,10 @@ class SplitClient:
         reply, _ = self.transport.call("backward", self.id, {"grad": g_b.to(self.wire_dtype)}, {"step": step})
         g_a = self._reply_tensor("backward", reply, "grad", shape)
         with self.lock:
-            h_a.backward(g_a.to(h_a.dtype))  # straight-through: the clean h_A
+            if penalty is None:
+                h_a.backward(g_a.to(h_a.dtype))  # straight-through: the clean h_A
+            else:  # g_A and the NoPeek penalty's gradient, both into A
+                torch.autograd.backward([h_a, penalty], [g_a.to(h_a.dtype), None])
             norm_front = self._step(0, step)
         return {"loss": float(loss_sum.detach()) / n_targets, "completion_tokens": float(n_targets),
                 "tokens": float(counts.sum()), **stats, "grad_norm_front": norm_front, "grad_norm_back": norm_back,
