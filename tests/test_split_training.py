@@ -169,6 +169,37 @@ def test_no_raw_data_reaches_the_server(tiny4_path):
                 assert not torch.equal(t[..., 0].round(), batches[0][0].input_ids.to(t.dtype))
 
 
+def test_bf16_wire_carries_half_the_bytes_and_trains_like_fp32(tiny4_path):
+    """``wire_dtype: bf16``: every hidden state and gradient crosses as bf16 (the client's h_A rounded once), a
+    training message has half the fp32 payload, and the losses stay within bf16 rounding of the fp32 wire's."""
+    runs = {}
+    for wire in ("fp32", "bf16"):
+        cfg = _cfg(tiny4_path, wire_dtype=wire)
+        loaded, peft_model, _, _ = _load(cfg)
+        system = _system(cfg, loaded, peft_model, ids=("a",))
+        (batch, counts), = _batches(cfg, loaded, sizes=(4,))
+        client = system.clients[0]
+        losses = [client.train_step(batch, counts, step)["loss"] for step in (1, 2, 3)]
+        first = next(r for r in system.transport.received if r.kind == "forward")
+        runs[wire] = (losses, system.transport.bytes_of("a"), system.transport.received, system.transport.replies,
+                      first.tensors["hidden"])
+    (l32, b32, *_), (l16, b16, received, replies, sent) = runs["fp32"], runs["bf16"]
+    for r in received + replies:
+        for name, t in r.tensors.items():
+            if name != "counts":
+                assert t.dtype == torch.bfloat16, (r.kind, name, t.dtype)
+    first32 = runs["fp32"][4]
+    assert first32.dtype == torch.float32
+    torch.testing.assert_close(sent, first32.to(torch.bfloat16), rtol=0, atol=0)  # rounded once, nothing else
+    for kind in ("forward", "backward"):
+        for way in ("up", "down"):
+            payload32 = b32[kind][way]
+            assert b16[kind][way] < 0.52 * payload32, (kind, way, b16[kind][way], payload32)
+    assert all(math.isfinite(x) for x in l16)
+    assert l16[0] == pytest.approx(l32[0], abs=1e-2) and l16[-1] == pytest.approx(l32[-1], abs=5e-2)
+    assert l16 != l32  # the wire really rounded
+
+
 # --- 3. noise --------------------------------------------------------------------------------------------
 
 def _clean_front(client, ids, counts):

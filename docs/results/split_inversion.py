@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 
 from fedguard.config import build_config  # noqa: E402
 from fedguard.split.attacks import HiddenSet, SentRecorder, client_hidden, inversion_attack  # noqa: E402
+from fedguard.split.protections import nopeek_penalty  # noqa: E402
 
 DOC = REPO / "docs" / "results" / "split-inversion-smollm2.md"
 
@@ -54,6 +56,13 @@ def cells(k_as, nopeek_weight: float, nopeek_noise: float) -> list[tuple[int, fl
 
 def cell_name(k_a: int, r: float, w: float) -> str:
     return f"ka{k_a}-r{r:g}-w{w:g}"
+
+
+def parse_cell(name: str) -> tuple[int, float, float]:
+    m = re.fullmatch(r"ka(\d+)-r([\d.]+)-w([\d.]+)", name)
+    if not m:
+        raise SystemExit(f"--extra: cell names look like ka2-r4-w0, got {name!r}")
+    return int(m[1]), float(m[2]), float(m[3])
 
 
 def make_cfg(args, k_a: int, r: float, w: float):
@@ -135,6 +144,12 @@ def run_cell(args, resident: Resident, k_a: int, r: float, w: float) -> dict:
                 more = client_hidden(colluder, cb, noise=True, step_offset=10_000_000 * (k + 1))
                 noisy_c = noisy_c + more
             clean_v = client_hidden(victim, vb)
+            # every row: R*(tokens, clean h_A) of the victim's final front, batches of 8 sequences
+            dcors = []
+            for i, (b, c) in enumerate(vb[:8]):
+                h = torch.nn.utils.rnn.pad_sequence(clean_v.hidden[i * 8:i * 8 + 8], batch_first=True)
+                dcors.append(float(nopeek_penalty(system.seam.decoder.embed_tokens, b.input_ids[:, :h.shape[1]], h,
+                                                  c, max_tokens=512)))
         sent_v = recorder.hidden_set("victim", victim_batches)
         t_collect = time.perf_counter() - t0 - t_train - t_eval
         del recorder.records["colluder"]
@@ -160,7 +175,7 @@ def run_cell(args, resident: Resident, k_a: int, r: float, w: float) -> dict:
             "k_a": k_a, "r": r, "nopeek_weight": w, "steps": cfg.split.steps, "eval_loss": eval_loss,
             "train_loss_first": v[0]["loss"], "train_loss_last_mean": mean([m["loss"] for m in v[-tail:]]),
             "mean_abs_h_last": mean([m["mean_abs_h"] for m in v[-tail:]]),
-            "nopeek_dcor_first": v[0].get("nopeek_dcor"),
+            "nopeek_dcor_first": v[0].get("nopeek_dcor"), "dcor_clean_after": mean(dcors),
             "nopeek_dcor_last_mean": mean([m["nopeek_dcor"] for m in v[-tail:] if "nopeek_dcor" in m]),
             "train_time": train_time, "inference_time": inference,
             "seconds": {"train": t_train, "eval": t_eval, "collect": t_collect, "attack_train_time": t_attack_train,
@@ -194,10 +209,11 @@ def pct(x) -> str:
 
 def table(results: list[dict], base_loss: float | None) -> str:
     lines = [
-        "| k_a | protection | r | NoPeek w | held-out loss | dCor (end) | train-time: linear % | decoder % | "
+        "| k_a | protection | r | NoPeek w | held-out loss | dCor after | train-time: linear % | decoder % | "
         "ROUGE-L | prior % | inference: linear % | decoder % | ROUGE-L | same-A ctrl % |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    results = sorted(results, key=lambda x: (x["k_a"], x["nopeek_weight"] > 0, x["nopeek_weight"], x["r"]))
     if base_loss is not None:
         lines.append(f"| – | before training | – | – | {base_loss:.3f} | – | – | – | – | – | – | – | – | – |")
     for x in results:
@@ -206,7 +222,7 @@ def table(results: list[dict], base_loss: float | None) -> str:
         tt, inf = x["train_time"], x["inference_time"]
         rouge = lambda a: max(a[k]["rouge_l"] for k in ("linear", "decoder") if k in a)  # noqa: E731
         dec = lambda a: pct(a["decoder"]["token_recovery"]) if "decoder" in a else "–"  # noqa: E731
-        dcor = x.get("nopeek_dcor_last_mean")
+        dcor = x.get("dcor_clean_after")
         lines.append(
             f"| {x['k_a']} | {name} | {x['r']:g} | {x['nopeek_weight']:g} | {x['eval_loss']:.3f} | "
             f"{'–' if dcor is None else f'{dcor:.3f}'} | {pct(tt['linear']['token_recovery'])} | {dec(tt)} | "
@@ -222,18 +238,19 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--k-a", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--steps", type=int, default=24, help="training steps per client")
-    p.add_argument("--examples", type=int, default=96, help="examples per client")
+    p.add_argument("--steps", type=int, default=20, help="training steps per client")
+    p.add_argument("--examples", type=int, default=320, help="examples per client")
     p.add_argument("--eval", type=int, default=32, help="held-out examples for the loss")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--nopeek-weight", type=float, default=1.0)
+    p.add_argument("--nopeek-weight", type=float, default=10.0)
     p.add_argument("--nopeek-noise", type=float, default=1.0, help="r of the NoPeek + noise cells")
     p.add_argument("--draws", type=int, default=2, help="noise draws of the colluder's data for the attacker")
     p.add_argument("--probe-steps", type=int, default=150)
-    p.add_argument("--decoder-steps", type=int, default=150)
+    p.add_argument("--decoder-steps", type=int, default=100)
     p.add_argument("--decoder-width", type=int, default=256)
     p.add_argument("--no-decoder", action="store_true")
     p.add_argument("--only", nargs="*", default=None, help="cell names to run (e.g. ka1-r0-w0)")
+    p.add_argument("--extra", nargs="*", default=[], help="cells beyond the grid, by name (e.g. ka2-r4-w0)")
     p.add_argument("--doc", type=Path, default=DOC, help="where the markdown goes ('-': nowhere)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -241,6 +258,7 @@ def main() -> None:
     (args.out / "cells").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     wanted = cells(args.k_a, args.nopeek_weight, args.nopeek_noise)
+    wanted += [parse_cell(name) for name in args.extra if parse_cell(name) not in wanted]
     if args.only is not None:
         wanted = [c for c in wanted if cell_name(*c) in args.only]
     resident = None
@@ -298,7 +316,8 @@ of the built-in benign corpus ({args.examples} examples each: client 0 colludes 
 victim), {args.steps} split training steps each (batch 4, AdamW lr {args.lr:g} constant, clipping 1.0 per part,
 interleaved, sequential server). Noise: relative, mean|ε| = r · mean|h_A| of the step's batch (FedSEA's noise;
 not DP, no ε). NoPeek: the client's front adds w · R*(tokens, h_A) (bias-corrected distance correlation over the
-batch's real tokens, `split.nopeek`); "dCor (end)" is its mean over the victim's last fifth of the steps.
+batch's real tokens, `split.nopeek`); "dCor after": R* between the victim's tokens and its clean h_A after
+training (8 batches of 8 sequences, every row).
 Held-out loss: the victim's completion-token loss through the server, clean, on {args.eval} held-out examples.
 
 Attack (`fedguard.split.attacks`): the server trains inverters on the colluder's (hidden state, token) pairs, 80 %

@@ -20,7 +20,9 @@ else: the server never sees it, C and B are not in its graph). With ``split.nope
 nothing of this runs and training is bit-for-bit what it was without it.
 
 This is a heuristic, measured against the inversion attack of ``fedguard.split.attacks``; like the noise it
-gives no formal guarantee and no ε.
+gives no formal guarantee and no ε. On SmolLM2 (docs/results/split-inversion-smollm2.md) weight 10 brings R* from
+0.57 to 0.15 while a linear probe still reads 88 % of the tokens: R* asks whether distances follow tokens, the
+probe only needs tokens to stay linearly separable.
 """
 
 from __future__ import annotations
