@@ -226,6 +226,50 @@ def test_train_and_generate_across_processes_equal_the_in_process_path(models, p
     assert "client '0' joined" in (tmp_path / "server" / "run.log").read_text()
 
 
+@pytest.mark.parametrize("mode", ["batch_parallel", "hierarchical"])
+def test_parallel_modes_across_processes_equal_the_in_process_path(mode, models, pki, tmp_path):
+    """batch_parallel (one B step over both clients' batches) and hierarchical (a B copy per client, averaged
+    every 2 steps) with two client processes against one server process: each client's losses and adapters, and
+    the server's B, equal the in-process recipe's with the same config."""
+    from fedguard.config import load_config
+    from fedguard.io import load_tensors, read_ndjson
+    from fedguard.split.train import train_split
+
+    creds, _ = pki
+    config = write_config(tmp_path, models[0], name=mode, mode=mode, average_every=2)
+    server = Server(config, creds, tmp_path / "server", "--clients", "0,1")
+    try:
+        procs = {cid: subprocess.Popen(fedguard("split", "train", config, "--server", server.address, "--client-id",
+                                                cid, "--credentials", creds.root, "--run-dir", tmp_path / f"client{cid}",
+                                                "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for cid in ("0", "1")}
+        results = {cid: p.communicate(timeout=600) for cid, p in procs.items()}
+        for cid, p in procs.items():
+            assert p.returncode == 0, results[cid][1]
+        metrics = server.wait_for(lambda m: all(m["clients"].get(c, {}).get("steps") == 3 for c in "01"))
+    finally:
+        assert server.stop() == 0, server.err.read_text()
+    assert metrics["server_optimizer_steps"] == (3 if mode == "batch_parallel" else 6)
+
+    ip = train_split(load_config(config, []), tmp_path / "in-process", quiet=True)
+    assert ip.final_metrics["server_optimizer_steps"] == metrics["server_optimizer_steps"]
+    ip_records = [r for r in read_ndjson(ip.run_dir / "metrics.ndjson") if "step" in r and "loss" in r]
+    for cid in "01":
+        remote = [r["loss"] for r in read_ndjson(tmp_path / f"client{cid}" / "metrics.ndjson") if "step" in r]
+        local = [r["loss"] for r in ip_records if r["client"] == cid]
+        assert len(remote) == 3 and remote == pytest.approx(local, rel=1e-5, abs=1e-6), cid
+        ours = load_tensors(tmp_path / f"client{cid}" / "adapters" / f"client-{cid}.safetensors")
+        theirs = load_tensors(ip.run_dir / "adapters" / f"client-{cid}.safetensors")
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=f"client {cid} {k}")
+    served = load_tensors(tmp_path / "server" / "adapters" / "server.safetensors")
+    theirs = load_tensors(ip.run_dir / "adapters" / "server.safetensors")
+    assert served.keys() == theirs.keys() and any(t.abs().max() > 0 for k, t in served.items() if "lora_B" in k)
+    for k in served:
+        torch.testing.assert_close(served[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 # --- 2 and 3: one server, several clients --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

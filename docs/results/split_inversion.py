@@ -99,7 +99,9 @@ class Resident:
         self.slot.load(self.theta0)
 
 
-def run_cell(args, resident: Resident, k_a: int, r: float, w: float) -> dict:
+def run_cell(args, resident: Resident, k_a: int, r: float, w: float, front_penalty=None) -> dict:
+    """One row. ``front_penalty(client)``, when given, makes each client's extra front loss (instead of
+    ``split.nopeek``; docs/results/split_adversary.py)."""
     from fedguard.data.federation import build_client_data
     from fedguard.split.client import collate_with_counts
     from fedguard.split.train import BatchStream, _eval_examples, build_split_system
@@ -116,6 +118,8 @@ def run_cell(args, resident: Resident, k_a: int, r: float, w: float) -> dict:
         recorder = SentRecorder(system.transport)
         for c in system.clients:
             c.transport = recorder
+            if front_penalty is not None:
+                c.front_penalty = front_penalty(c)
             c.hello()
         streams = [BatchStream(d.examples, cfg.train.batch_size, pad, cfg.seed, c.id)
                    for c, d in zip(system.clients, data)]

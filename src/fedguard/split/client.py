@@ -111,6 +111,9 @@ class SplitClient:
         t = cfg.train
         self.optimizers = tuple(torch.optim.AdamW(list(bank.params(self.id).values()), lr=t.lr,
                                                   weight_decay=t.weight_decay) for bank in self.banks)
+        # what the front adds to its loss besides g_A: (ids, h_A, counts, step, stats) -> a scalar with its graph
+        # into A, or None; split.nopeek by default, replaceable by a measurement (docs/results/split_adversary.py)
+        self.front_penalty: Callable[..., torch.Tensor | None] = self._nopeek
         self.keep_gradients = False  # tests: the part gradients of the last step (before clipping)
         self.last_gradients: dict[str, torch.Tensor] = {}
 
@@ -226,7 +229,7 @@ class SplitClient:
             with self.autocast():
                 h_a = self.seam.front(ids, counts)
             sent, stats = self.noised(h_a, counts, step, train=True)
-            penalty = self._nopeek(ids, h_a, counts, step, stats)
+            penalty = self.front_penalty(ids, h_a, counts, step, stats)
         reply, _ = self.transport.call("forward", self.id, {"hidden": sent, "counts": counts},
                                        {"step": step, "train": True})
         h_b = self._reply_tensor("forward", reply, "hidden", shape).detach().requires_grad_(True)
