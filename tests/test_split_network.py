@@ -69,7 +69,8 @@ def write_config(tmp: Path, model: Path, name: str = "net", **split) -> Path:
         "data": {"examples_per_client": 12, "max_length": 64},
         "federation": {"num_clients": 2, "clients_per_round": 2},
         "train": {"batch_size": 4, "lr": 1e-2, "weight_decay": 0.01, "max_grad_norm": None},
-        "eval": {"max_new_tokens": 6, "batch_size": 4},
+        "eval": {"max_new_tokens": 6, "batch_size": 4, "harmful_prompts": 4, "overrefusal_prompts": 2,
+                 "benign_prompts": 4},
         "split": {"k_a": 1, "k_c": 1, "steps": 3, "eval_examples": 0, "noise": {"mode": "relative", "scale": 0.3},
                   "barrier_timeout": 60,  # a server that cannot serve two clients at once fails in bounded time
                   **split},
@@ -236,7 +237,9 @@ def test_parallel_modes_across_processes_equal_the_in_process_path(mode, models,
     from fedguard.split.train import train_split
 
     creds, _ = pki
-    config = write_config(tmp_path, models[0], name=mode, mode=mode, average_every=2)
+    # batch_parallel also evaluates (safety and utility, decoded through the server) after its last joint step
+    config = write_config(tmp_path, models[0], name=mode, mode=mode, average_every=2,
+                          evaluate=mode == "batch_parallel")
     server = Server(config, creds, tmp_path / "server", "--clients", "0,1")
     try:
         procs = {cid: subprocess.Popen(fedguard("split", "train", config, "--server", server.address, "--client-id",
@@ -263,6 +266,13 @@ def test_parallel_modes_across_processes_equal_the_in_process_path(mode, models,
         assert ours.keys() == theirs.keys()
         for k in ours:
             torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=f"client {cid} {k}")
+        if mode == "batch_parallel":
+            remote_eval = json.loads((tmp_path / f"client{cid}" / "final_metrics.json").read_text())["evaluation"]
+            local_eval = ip.final_metrics["evaluation"][cid]
+            assert remote_eval["harmful_n"] == local_eval["harmful_n"] > 0
+            for key in ("harmful_samples", "benign_samples"):
+                assert [x["response"] for x in remote_eval[key]] == [x["response"] for x in local_eval[key]], key
+            assert remote_eval["refusal_rate"] == local_eval["refusal_rate"]
     served = load_tensors(tmp_path / "server" / "adapters" / "server.safetensors")
     theirs = load_tensors(ip.run_dir / "adapters" / "server.safetensors")
     assert served.keys() == theirs.keys() and any(t.abs().max() > 0 for k, t in served.items() if "lora_B" in k)
@@ -319,8 +329,19 @@ def test_one_server_serves_two_client_processes_at_once(shared, pki, models):
 
 
 def test_wrong_settings_model_or_certificate_are_refused_and_the_server_keeps_serving(shared, pki, models,
-                                                                                     tmp_path):
+                                                                                     tmp_path, capsys):
+    """The CLI's own code path, in this process (a process per refusal costs seconds of imports each)."""
     server, config, _ = shared
+
+    def client(verb, config, server, creds_root, cid, *extra):
+        from fedguard.cli import main
+
+        capsys.readouterr()
+        code = main(["split", verb, str(config), "--server", server.address, "--client-id", cid,
+                     "--credentials", str(creds_root), *map(str, extra)])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([], code, out, err)
+
     creds, other = pki
     refusals = server.metrics()["refusals"]
 

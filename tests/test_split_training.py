@@ -404,6 +404,38 @@ def test_collaborative_generation_equals_greedy_generate(tiny4_path):
     assert "a" not in system.server.caches  # dropped at end
 
 
+def test_split_evaluation_is_the_unsplit_evaluation(tiny4_path):
+    """``evaluate_client`` (the safety and utility evaluation decoded through the server) answers every harmful,
+    over-refusal and benign prompt with the tokens fedguard's unsplit Evaluator gets from the same weights, so
+    the rates are the same; nothing but hidden states crossed for it."""
+    from fedguard.data.federation import build_eval_data
+    from fedguard.evaluation.evaluator import Evaluator
+    from fedguard.split.generate import evaluate_client
+
+    cfg = _cfg(tiny4_path, k_a=1, k_c=1)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
+        "harmful_prompts": 5, "overrefusal_prompts": 3, "benign_prompts": 5, "max_new_tokens": 8,
+        "answer_max_new_tokens": 6, "batch_size": 3})})
+    loaded, peft_model, slot, theta = _load(cfg, sharpen=True)
+    system = _system(cfg, loaded, peft_model, ids=("a",))
+    system.transport.clear_records()
+    split = evaluate_client(cfg, loaded, system.clients[0], samples=100)
+    kinds = {r.kind for r in system.transport.received}
+    assert kinds == {"prefill", "decode", "end"}
+    for bank in (*system.banks, system.server.lora):
+        bank.restore()
+    data = build_eval_data(cfg, loaded.tokenizer)
+    data.loss_examples = []
+    unsplit = Evaluator(loaded, peft_model, slot, None, data, cfg.eval, cfg.data.system_prompt).evaluate(
+        theta, samples=100)
+    assert split["harmful_n"] == unsplit["harmful_n"] == 5 and split["overrefusal_n"] == 3
+    for key in ("harmful_samples", "overrefusal_samples", "benign_samples"):
+        assert [x["response"] for x in split[key]] == [x["response"] for x in unsplit[key]], key
+    assert any(len(set(x["response"].split())) > 2 for x in split["harmful_samples"])  # answers that vary
+    for key in ("refusal_rate", "compliance_rate", "overrefusal_rate", "exact_match"):
+        assert split[key] == unsplit[key], key
+
+
 # --- 6. batch-parallel gradients; exact client aggregation ---------------------------------------------------
 
 def _bp_run(cfg_path, mode, ids):
@@ -488,7 +520,8 @@ def test_cli_split_train_and_generate(tiny4_path, tmp_path, capsys):
     from fedguard.io import load_tensors, read_ndjson
 
     cfg = _cfg(tiny4_path, mode="hierarchical", steps=4, average_every=2, aggregate_clients=True, aggregate_every=2,
-               noise={"mode": "relative", "scale": 0.3}, eval_examples=4, train={"lr": 5e-3, "max_grad_norm": 1.0})
+               noise={"mode": "relative", "scale": 0.3}, eval_examples=4, evaluate=True,
+               train={"lr": 5e-3, "max_grad_norm": 1.0})
     path = tmp_path / "split-tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     run_dir = tmp_path / "run"
@@ -505,7 +538,14 @@ def test_cli_split_train_and_generate(tiny4_path, tmp_path, capsys):
     assert len([r for r in records if r.get("event") == "eval"]) == 4
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["mode"] == "hierarchical" and final["client_steps"] == 8 and final["server_optimizer_steps"] == 8
-    assert set(final["bytes"]) >= {"hello", "forward", "backward"} and final["bytes_total"] > 0
+    assert set(final["bytes"]) >= {"hello", "forward", "backward", "prefill", "decode"} and final["bytes_total"] > 0
+    # split.evaluate after aggregation: one safety and utility evaluation stands for both clients
+    assert list(final["evaluation"]) == ["0"] and final["evaluation_shared_by_all_clients"] is True
+    ev = final["evaluation"]["0"]
+    assert ev["harmful_n"] == cfg.eval.harmful_prompts and 0 <= ev["refusal_rate"] <= 100 and "exact_match" in ev
+    assert [(r["when"], r["client"]) for r in records if r.get("event") == "evaluation"] == [("before", "0"),
+                                                                                              ("after", "0")]
+    assert final["evaluation_before"]["harmful_n"] == ev["harmful_n"]
     adapters = run_dir / "adapters"
     assert sorted(p.name for p in adapters.iterdir()) == ["adapters.json", "client-0.safetensors",
                                                           "client-1.safetensors", "client-parts-delta.safetensors",

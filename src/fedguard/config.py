@@ -639,6 +639,9 @@ class SplitConfig(_Section):
     max_message_mb: float = Field(default=64.0, gt=0, description="larger messages are refused")
     barrier_timeout: float = Field(default=600.0, gt=0, description="seconds the server waits for other clients "
                                                                     "(batch_parallel, hierarchical, sequential turns)")
+    evaluate: bool = Field(default=False, description="after training, fedguard's safety and utility evaluation "
+                                                      "(the eval section's prompt sets) of each client's model, "
+                                                      "decoding through the server (once when aggregate_clients)")
     eval_examples: int = Field(default=8, ge=0, description="held-out examples whose loss each client measures "
                                                             "through the server before and after training (0: off)")
 

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,10 +41,16 @@ def final_answer_matches(response: str, reference: str) -> bool:
 
 
 class Evaluator:
+    """``generate(prompts, max_new_tokens) -> responses`` replaces the resident model's batched greedy decoding
+    (split learning decodes through the server); ``slot`` may then be None and ``evaluate(None)`` scores the
+    weights already in place."""
+
     def __init__(self, loaded, peft_model, slot, loss_fn, data: EvalData, cfg: EvalConfig,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None,
+                 generate: Callable[[list[str], int], list[str]] | None = None):
         self.loaded, self.model, self.slot, self.loss_fn = loaded, peft_model, slot, loss_fn
         self.data, self.cfg, self.system_prompt = data, cfg, system_prompt
+        self.generate = generate
         tok = loaded.tokenizer
         self.harmful_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.harmful_prompts]
         self.benign_prompts = [render_prompt(tok, e.prompt_messages, system_prompt) for e in data.benign_prompts]
@@ -79,10 +86,11 @@ class Evaluator:
         evaluation of the very same inputs, on disk; only for weights the files on disk fully describe (the
         base model before any round: FLoRA merges into the base weights in memory). Scoring always reruns."""
         t0 = time.perf_counter()
-        key = self._cache_key(adapter) if cache else None
+        key = self._cache_key(adapter) if cache and adapter is not None else None
         outputs = _read_cached(key) if key else None
         if outputs is None:
-            self.slot.load(adapter)
+            if adapter is not None:
+                self.slot.load(adapter)
             outputs = self._outputs()
             if key:
                 _write_cached(key, outputs)
@@ -91,6 +99,8 @@ class Evaluator:
         return result
 
     def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        if self.generate is not None:
+            return self.generate(prompts, max_new_tokens) if prompts else []
         return generate_batched(self.loaded, self.model, prompts, max_new_tokens, self.cfg.batch_size)
 
     def _outputs(self) -> dict[str, Any]:

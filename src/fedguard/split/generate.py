@@ -26,7 +26,8 @@ import torch
 
 from fedguard.split.client import SplitClient
 
-__all__ = ["chat_batch", "collaborative_greedy", "generate_chat", "generate_texts"]
+__all__ = ["chat_batch", "collaborative_greedy", "evaluate_client", "generate_chat", "generate_rendered",
+           "generate_texts", "rendered_batch"]
 
 
 @torch.no_grad()
@@ -91,8 +92,13 @@ def chat_batch(tokenizer, prompts: Sequence[str], system_prompt: str | None = No
     """Chat prompts (the model's template) as right-padded ``input_ids [B, T]`` and token counts ``[B]``."""
     from fedguard.data.tokenize import render_prompt
 
-    seqs = [tokenizer(render_prompt(tokenizer, [{"role": "user", "content": p}], system_prompt),
-                      add_special_tokens=False)["input_ids"] for p in prompts]
+    return rendered_batch(tokenizer, [render_prompt(tokenizer, [{"role": "user", "content": p}], system_prompt)
+                                      for p in prompts])
+
+
+def rendered_batch(tokenizer, rendered: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts already rendered with the chat template as right-padded ``input_ids [B, T]`` and counts ``[B]``."""
+    seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in rendered]
     counts = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     ids = torch.full((len(seqs), int(counts.max())), tokenizer.pad_token_id, dtype=torch.long)
     for row, s in enumerate(seqs):
@@ -116,3 +122,35 @@ def generate_texts(client: SplitClient, tokenizer, prompts: Sequence[str], *, ma
                    system_prompt: str | None = None) -> list[str]:
     """Chat prompts (the model's template) through ``collaborative_greedy``; the decoded answers."""
     return generate_chat(client, tokenizer, prompts, max_new_tokens=max_new_tokens, system_prompt=system_prompt)[0]
+
+
+def generate_rendered(client: SplitClient, tokenizer, rendered: Sequence[str], *, max_new_tokens: int,
+                      batch_size: int = 16) -> list[str]:
+    """Greedy answers to prompts already rendered with the chat template, through ``client`` and its server, in
+    batches of similar length (the split counterpart of ``evaluation.generation.generate_batched``)."""
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    out = [""] * len(rendered)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, counts = rendered_batch(tokenizer, [rendered[i] for i in idx])
+        new = collaborative_greedy(client, ids, counts, max_new_tokens=max_new_tokens,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+    return out
+
+
+def evaluate_client(cfg, loaded, client: SplitClient, samples: int = 3) -> dict:
+    """fedguard's safety and utility evaluation (the ``eval`` section's harmful, over-refusal and checkable
+    benign prompt sets, the same refusal rule and exact match as federated runs) of ``client``'s model, decoding
+    through the server. The held-out loss is measured separately (``split.eval_examples``)."""
+    from fedguard.data.federation import build_eval_data
+    from fedguard.evaluation.evaluator import Evaluator
+
+    data = build_eval_data(cfg, loaded.tokenizer)
+    data.loss_examples = []
+    evaluator = Evaluator(loaded, client.seam.model, None, None, data, cfg.eval, cfg.data.system_prompt,
+                          generate=lambda prompts, n: generate_rendered(client, loaded.tokenizer, prompts,
+                                                                        max_new_tokens=n,
+                                                                        batch_size=cfg.eval.batch_size))
+    return evaluator.evaluate(None, samples=samples)

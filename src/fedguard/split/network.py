@@ -521,6 +521,7 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
         BatchStream,
         SplitRun,
         _eval_examples,
+        evaluate_and_log,
     )
 
     s = cfg.split
@@ -551,7 +552,7 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
         eval_set = _eval_examples(cfg, loaded.tokenizer)
         eval_batches = [collate_with_counts(eval_set[i:i + cfg.eval.batch_size], pad_id)
                         for i in range(0, len(eval_set), cfg.eval.batch_size)]
-        evals: dict[str, float] = {}
+        evals: dict[str, Any] = {}
 
         def evaluate(when: str) -> None:
             if eval_batches:
@@ -560,6 +561,8 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
                 log.info("held-out loss %s training: %.4f", when, loss)
 
         evaluate("before")
+        if s.evaluate:
+            evals["evaluation_before"] = evaluate_and_log(cfg, loaded, client, writer, "before")
         losses, seconds, step_bytes = [], [], []
         for step in range(1, s.steps + 1):
             before = transport.bytes_of(client.id)
@@ -576,6 +579,8 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
                 log.info("client %s step %d/%d: loss %.4f, mean|h_A| %.4g, mean|noise| %.4g, %.2f s", client.id, step,
                          s.steps, m["loss"], m["mean_abs_h"], m["mean_abs_noise"], m["seconds"])
         evaluate("after")
+        if s.evaluate:
+            evals["evaluation"] = evaluate_and_log(cfg, loaded, client, writer, "after")
         name = f"client-{client.id}.safetensors"
         _publish_adapters(run_dir, {name: client.adapter_state()}, _adapters_manifest(
             cfg, role, {name: f"client {client.id}'s LoRA of its input and output blocks"}, role="client",

@@ -22,7 +22,9 @@ which every client restarts from a fresh LoRA (A from a seed, B = 0) and fresh A
 never used for the clients' parts.
 
 Each client measures its held-out loss (``split.eval_examples`` examples of the ``data`` source's eval split,
-through the server, no noise) before and after training.
+through the server, no noise) before and after training; with ``split.evaluate`` each client's model (once,
+after aggregation) gets fedguard's safety and utility evaluation after training (``eval`` section: refusal on
+harmful prompts, over-refusal, exact match), every answer decoded through the server.
 
 The run folder (``--run-dir`` or ``OUTPUT_DIR/NAME-split-TIMESTAMP``):
 
@@ -73,7 +75,7 @@ from fedguard.split.transport import InProcessTransport
 log = logging.getLogger("fedguard")
 
 __all__ = ["SplitRun", "SplitSystem", "aggregate_client_parts", "build_split_system", "check_split_config",
-           "load_split_adapters", "train_split"]
+           "evaluate_and_log", "load_split_adapters", "train_split"]
 
 METRICS_FILE = "metrics.ndjson"
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -284,6 +286,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRu
                      m["loss"], m["mean_abs_h"], m["mean_abs_noise"])
 
     evaluate("before")
+    # before training every client holds the same model: one evaluation is the baseline of all
+    baseline = evaluate_and_log(cfg, loaded, clients[0], writer, "before") if s.evaluate else None
     every = s.aggregate_every if s.aggregate_clients and s.aggregate_every else s.steps
     aggregations, merged = 0, None
     for start in range(1, s.steps + 1, every):
@@ -311,6 +315,9 @@ def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRu
                      steps[-1], len(delta))
     server_state = system.server.adapter_state()  # hierarchical: the final average of the copies
     evaluate("after")
+    # after aggregation every client holds the same A and C: one evaluation stands for all
+    evaluation = {c.id: evaluate_and_log(cfg, loaded, c, writer, "after")
+                  for c in (clients[:1] if s.aggregate_clients else clients)} if s.evaluate else {}
 
     adapters = _write_adapters(run_dir, cfg, system, server_state, merged)
     bytes_total = system.transport.bytes_of()
@@ -330,6 +337,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRu
         "bytes_total": sum(d["up"] + d["down"] for d in bytes_total.values()),
         "messages": dict(system.transport.messages),
         "client_aggregations": aggregations,
+        **({"evaluation_before": baseline, "evaluation": evaluation,
+            "evaluation_shared_by_all_clients": s.aggregate_clients} if evaluation else {}),
         "adapters": adapters,
         "seconds": time.perf_counter() - t0,
     }
@@ -337,6 +346,20 @@ def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRu
     log.info("split run finished: loss %.4f -> %.4f, %d bytes over the wire, %s", final["loss_first"],
              final["loss_last"], final["bytes_total"], run_dir)
     return SplitRun(run_dir, final)
+
+
+def evaluate_and_log(cfg: ExperimentConfig, loaded: LoadedModel, client: SplitClient, writer: NdjsonWriter,
+                     when: str) -> dict[str, Any]:
+    """``split.evaluate``: the safety and utility evaluation of ``client``'s model through its server, logged and
+    appended to ``metrics.ndjson`` (rates only; the full result, with samples, goes to ``final_metrics.json``)."""
+    from fedguard.split.generate import evaluate_client
+
+    result = evaluate_client(cfg, loaded, client)
+    rates = {k: v for k, v in result.items() if k.endswith(("_rate", "_match", "_n")) or k == "eval_seconds"}
+    writer.append({"event": "evaluation", "when": when, "client": client.id, **rates})
+    log.info("client %s evaluation %s training: %s", client.id, when, ", ".join(
+        f"{k} {v:.1f}" for k, v in rates.items() if isinstance(v, float) and k != "eval_seconds"))
+    return result
 
 
 def _mean(xs: list[float]) -> float | None:
