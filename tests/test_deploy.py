@@ -55,28 +55,28 @@ def deployment(tmp_path_factory):
 
 
 def test_a_run_over_tls_with_node_auth_survives_a_killed_node(deployment, tmp_path):
-    """3 SuperNodes, the audit defense on; SuperNode 2 is killed after round 1: the later rounds complete with
-    the other two (its instructions come back as Flower's node error or time out) and the run finishes."""
+    """3 SuperNodes, the audit defense on; SuperNode 2 is killed after round 1: round 2 completes with the other
+    two (its instructions come back as Flower's node error or time out) and the run finishes."""
     import signal
 
     dep, _, _, _ = deployment
-    cfg = tiny_config(federation={"num_clients": NODES, "clients_per_round": NODES, "rounds": 3,
+    cfg = tiny_config(federation={"num_clients": NODES, "clients_per_round": NODES, "rounds": 2,
                                   "round_timeout": 150, "node_wait": 120},
                       defense={"level": "audit", "audit": {"harmful_examples": 4, "benign_examples": 2}})
     run_dir = tmp_path / "run"
     flwr = dep.submit(cfg.to_yaml(), run_dir, stream=False, wait=False)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and "round 1/3: train loss" not in _text(run_dir / "run.log"):
+    while time.monotonic() < deadline and "round 1/2: train loss" not in _text(run_dir / "run.log"):
         assert flwr.poll() in (None, 0), dep.log_path("run").read_text()[-2000:]
         time.sleep(1)
-    assert "round 1/3: train loss" in _text(run_dir / "run.log"), _text(run_dir / "run.log")[-3000:]
+    assert "round 1/2: train loss" in _text(run_dir / "run.log"), _text(run_dir / "run.log")[-3000:]
     dep.stop("supernode-2", sig=signal.SIGKILL)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not (run_dir / "final_metrics.json").is_file():
         time.sleep(2)
     assert (run_dir / "final_adapter" / "adapter_model.safetensors").is_file(), _text(run_dir / "run.log")[-3000:]
     rounds = [r for r in read_ndjson(run_dir / "metrics.ndjson") if r["round"] > 0]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["round"] for r in rounds] == [1, 2]
     assert sorted(rounds[0]["accepted"]) == ["0", "1", "2"]
     for r in rounds[1:]:
         assert sorted(r["accepted"]) == ["0", "1"]

@@ -69,17 +69,6 @@ def test_adaptive_clipping_follows_the_quantile_and_pays_for_the_count_from_the_
     assert dp.client_requests(state) == {}  # central: clients do not clip
 
 
-def test_adaptive_clipping_runs_distributed_and_resumes_exactly(tmp_path):
-    privacy = {"client_dp": "distributed", "noise_multiplier": 0.5, "adaptive_clip": True,
-               "clipped_count_stddev": 1.0, "clip": 0.01}
-    cfg = tiny_config(federation={"rounds": 3, "num_clients": 4, "clients_per_round": 4}, privacy=privacy)
-    full, killed = killed_and_resumed(cfg, tmp_path)
-    rounds = [r["privacy"] for r in read_ndjson(full / "metrics.ndjson") if r["round"] > 0]
-    assert [r["privacy"] for r in read_ndjson(killed / "metrics.ndjson") if r["round"] > 0] == rounds
-    assert rounds[1]["clip"] == rounds[0]["next_clip"] != rounds[0]["clip"]  # the clip the server learnt is used
-    assert rounds[-1]["epsilon"] > rounds[0]["epsilon"] > 0
-
-
 # -- secure aggregation in the round ------------------------------------------------------------------------------
 def test_the_server_takes_only_sums_under_secure_aggregation():
     from fedguard.factories import build_server
@@ -232,13 +221,23 @@ def test_dpsgd_batches_are_poisson():
     assert all(len(set().union(*map(set, step))) == sum(map(len, step)) for step in plan if step)  # no repeats
 
 
-def test_each_client_reports_its_dpsgd_epsilon_and_a_resumed_run_continues_it(tmp_path):
+def test_dpsgd_and_adaptive_distributed_clipping_report_epsilon_and_resume_exactly(tmp_path):
+    """One run with both mechanisms (a kill-and-resume costs three runs, so the two share one): each client's
+    DP-SGD epsilon is the accountant's for the steps it took, and the resumed run continues every client's
+    history from its checkpoint; the adaptive clip the server learnt is used the next round and comes back
+    exactly after the kill; the final adapters are equal."""
+    from fedguard.io import load_tensors
     from fedguard.privacy.accountant import epsilon
 
-    privacy = {"sample_dp": "dpsgd", "sample_clip": 1.0, "sample_noise_multiplier": 1.2, "delta": 1e-4}
-    cfg = tiny_config(federation={"rounds": 3}, train={"local_steps": 2, "batch_size": 4, "grad_accum": 2}, privacy=privacy)
+    privacy = {"sample_dp": "dpsgd", "sample_clip": 1.0, "sample_noise_multiplier": 1.2, "delta": 1e-4,
+               "client_dp": "distributed", "noise_multiplier": 0.5, "adaptive_clip": True,
+               "clipped_count_stddev": 1.0, "clip": 0.01}
+    cfg = tiny_config(federation={"rounds": 3, "num_clients": 4, "clients_per_round": 4},
+                      train={"local_steps": 2, "batch_size": 4, "grad_accum": 2}, privacy=privacy)
     full, killed = killed_and_resumed(cfg, tmp_path)
     rounds = [r for r in read_ndjson(full / "metrics.ndjson") if r["round"] > 0]
+    resumed = [r for r in read_ndjson(killed / "metrics.ndjson") if r["round"] > 0]
+    # sample level: each client's own accountant
     joined: dict[str, int] = {}
     for r in rounds:
         for cid, m in r["clients"].items():
@@ -246,11 +245,14 @@ def test_each_client_reports_its_dpsgd_epsilon_and_a_resumed_run_continues_it(tm
             q = m["dpsgd_sample_rate"]
             assert q == pytest.approx(8 / 24)
             assert m["dpsgd_epsilon"] == pytest.approx(epsilon([(q, 1.2, 2)] * joined[cid], 1e-4))
-    resumed = [r for r in read_ndjson(killed / "metrics.ndjson") if r["round"] > 0]
+    assert sum(joined.values()) >= 6
     eps = lambda rs: [{c: m["dpsgd_epsilon"] for c, m in r["clients"].items()} for r in rs]  # noqa: E731
     assert eps(resumed) == eps(rounds)  # each client's history came back from the checkpoint
-    from fedguard.io import load_tensors
-
+    # client level: distributed noise with the adaptive clip
+    dp = [r["privacy"] for r in rounds]
+    assert [r["privacy"] for r in resumed] == dp
+    assert dp[1]["clip"] == dp[0]["next_clip"] != dp[0]["clip"]  # the clip the server learnt is used
+    assert dp[-1]["epsilon"] > dp[0]["epsilon"] > 0
     a, b = (load_tensors(d / "final_adapter" / "adapter_model.safetensors") for d in (full, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)  # noise and batches are seeded per (round, client)
     assert "sample-level DP-SGD" in (full / "report.md").read_text()

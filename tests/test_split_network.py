@@ -158,7 +158,7 @@ def bytes_sum(*parts: dict) -> dict:
 
 # --- 1. two processes give what one process gives -----------------------------------------------------------
 
-def test_train_and_generate_across_processes_equal_the_in_process_path(models, pki, tmp_path):
+def test_train_and_generate_across_processes_equal_the_in_process_path(models, pki, tmp_path, capsys):
     """A server process and a client process over mutual TLS: the client's losses and adapters are bit-identical
     to client 0's in the in-process recipe (same data, batches, noise and dropout streams), `split generate`
     through the live server gives the in-process tokens with the same adapters, and the bytes per kind that the
@@ -176,10 +176,13 @@ def test_train_and_generate_across_processes_equal_the_in_process_path(models, p
         assert trained.returncode == 0, trained.stderr
         assert "run directory" in trained.stdout
         prompts = ["Name three colours.", "What is two plus two?"]
-        gen = client("generate", config, server, creds.root, "0", "--adapters", tmp_path / "client0" / "adapters",
-                     "--prompt", prompts[0], "--prompt", prompts[1], "--json", tmp_path / "gen.json")
-        assert gen.returncode == 0, gen.stderr
-        assert "> Name three colours." in gen.stdout and "decode" in gen.stdout
+        # generation from this process (the CLI's code, a gRPC client of the server process): one start-up less
+        capsys.readouterr()
+        assert main(["split", "generate", str(config), "--server", server.address, "--client-id", "0",
+                     "--credentials", str(creds.root), "--adapters", str(tmp_path / "client0" / "adapters"),
+                     "--prompt", prompts[0], "--prompt", prompts[1], "--json", str(tmp_path / "gen.json")]) == 0
+        out = capsys.readouterr().out
+        assert "> Name three colours." in out and "decode" in out
     finally:
         assert server.stop() == 0, server.err.read_text()
     remote = json.loads((tmp_path / "gen.json").read_text())
