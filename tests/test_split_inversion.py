@@ -54,9 +54,9 @@ def _system(cfg, nonzero=True):
 
 
 def _batches(examples, pad_id, size=4):
-    from fedguard.split.client import collate_with_counts
+    from fedguard.split.client import count_batches
 
-    return [collate_with_counts(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
+    return count_batches(examples, pad_id, size)
 
 
 # --- 1. metrics ---------------------------------------------------------------------------------------------------

@@ -64,10 +64,7 @@ def main() -> None:
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 10.0])
     p.add_argument("--inner", type=int, default=5, help="Adam steps of the local inverter per training step")
     args = p.parse_args()
-    # the cell settings of split_inversion.py's defaults
-    cell_args = si.argparse.Namespace(model="smollm2-135m-instruct", precision="auto", threads=2, steps=20,
-                                      examples=320, eval=32, lr=2e-3, draws=2, probe_steps=150, decoder_steps=100,
-                                      decoder_width=256, no_decoder=False)
+    cell_args = si.parser().parse_args([])  # the cells of split_inversion.py, at its defaults
     torch.set_num_threads(2)
     (args.out / "cells").mkdir(parents=True, exist_ok=True)
     resident = None

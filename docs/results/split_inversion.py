@@ -103,8 +103,8 @@ def run_cell(args, resident: Resident, k_a: int, r: float, w: float, front_penal
     """One row. ``front_penalty(client)``, when given, makes each client's extra front loss (instead of
     ``split.nopeek``; docs/results/split_adversary.py)."""
     from fedguard.data.federation import build_client_data
-    from fedguard.split.client import collate_with_counts
-    from fedguard.split.train import BatchStream, _eval_examples, build_split_system
+    from fedguard.split.client import count_batches
+    from fedguard.split.train import BatchStream, eval_examples, build_split_system
 
     cfg = make_cfg(args, k_a, r, w)
     t0 = time.perf_counter()
@@ -123,8 +123,8 @@ def run_cell(args, resident: Resident, k_a: int, r: float, w: float, front_penal
             c.hello()
         streams = [BatchStream(d.examples, cfg.train.batch_size, pad, cfg.seed, c.id)
                    for c, d in zip(system.clients, data)]
-        eval_set = _eval_examples(cfg, loaded.tokenizer)
-        eval_batches = [collate_with_counts(eval_set[i:i + 8], pad) for i in range(0, len(eval_set), 8)]
+        eval_set = eval_examples(cfg, loaded.tokenizer)
+        eval_batches = count_batches(eval_set, pad, 8)
         victim_batches, logs = [], {"colluder": [], "victim": []}
         for step in range(1, cfg.split.steps + 1):
             for c, stream in zip(system.clients, streams):
@@ -137,10 +137,7 @@ def run_cell(args, resident: Resident, k_a: int, r: float, w: float, front_penal
         eval_loss = victim.evaluate(eval_batches)
         t_eval = time.perf_counter() - t0 - t_train
 
-        def batches(examples):
-            return [collate_with_counts(examples[i:i + 8], pad) for i in range(0, len(examples), 8)]
-
-        cb, vb = batches(data[0].examples), batches(data[1].examples)
+        cb, vb = count_batches(data[0].examples, pad, 8), count_batches(data[1].examples, pad, 8)
         with torch.no_grad():
             clean_c = client_hidden(colluder, cb)
             noisy_c = client_hidden(colluder, cb, noise=True, step_offset=10_000_000)
@@ -192,8 +189,8 @@ def run_cell(args, resident: Resident, k_a: int, r: float, w: float, front_penal
 
 def base_eval(args, resident: Resident) -> float:
     """The held-out loss before any training (the same for every cell; k_a does not change the model)."""
-    from fedguard.split.client import collate_with_counts
-    from fedguard.split.train import _eval_examples, build_split_system
+    from fedguard.split.client import count_batches
+    from fedguard.split.train import eval_examples, build_split_system
 
     cfg = make_cfg(args, 1, 0.0, 0.0)
     resident.reset()
@@ -201,8 +198,8 @@ def base_eval(args, resident: Resident) -> float:
     try:
         system.clients[0].hello()
         pad = resident.loaded.tokenizer.pad_token_id
-        ev = _eval_examples(cfg, resident.loaded.tokenizer)
-        return system.clients[0].evaluate([collate_with_counts(ev[i:i + 8], pad) for i in range(0, len(ev), 8)])
+        ev = eval_examples(cfg, resident.loaded.tokenizer)
+        return system.clients[0].evaluate(count_batches(ev, pad, 8))
     finally:
         resident.reset(system)
 
@@ -235,7 +232,7 @@ def table(results: list[dict], base_loss: float | None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "runs" / "split-inversion")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -256,7 +253,11 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="cell names to run (e.g. ka1-r0-w0)")
     p.add_argument("--extra", nargs="*", default=[], help="cells beyond the grid, by name (e.g. ka2-r4-w0)")
     p.add_argument("--doc", type=Path, default=DOC, help="where the markdown goes ('-': nowhere)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     (args.out / "cells").mkdir(parents=True, exist_ok=True)

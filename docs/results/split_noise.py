@@ -51,8 +51,8 @@ def noise_shape(h: torch.Tensor, valid: torch.Tensor, r: float, shape: str, g: t
 
 def shapes(args, loaded) -> None:
     from fedguard.model.blocks import BlockSeam, padding_mask_from_counts
-    from fedguard.split.client import collate_with_counts, completion_loss
-    from fedguard.split.train import _eval_examples
+    from fedguard.split.client import completion_loss, count_batches
+    from fedguard.split.train import eval_examples
 
     cfg = build_config({"name": "split-noise", "seed": 2023, "model": {"name_or_path": args.model},
                         "data": {"source": "builtin:benign", "max_length": 256},
@@ -60,8 +60,8 @@ def shapes(args, loaded) -> None:
                         "split": {"k_a": 2, "k_c": 2, "eval_examples": 32}})
     seam = BlockSeam(loaded.model, 2, 2)
     pad = loaded.tokenizer.pad_token_id
-    ev = _eval_examples(cfg, loaded.tokenizer)
-    batches = [collate_with_counts(ev[i:i + 8], pad) for i in range(0, len(ev), 8)]
+    ev = eval_examples(cfg, loaded.tokenizer)
+    batches = count_batches(ev, pad, 8)
     print("\n| noise shape | r | held-out loss (frozen model) |\n|---|---:|---:|")
     with torch.no_grad():
         for shape in ("isotropic", "no noise on outlier dims", "norm kept", "per-dimension scale"):
@@ -105,7 +105,7 @@ def activation_dp(args, loaded) -> None:
     from fedguard.data.federation import build_client_data
     from fedguard.model.blocks import BlockSeam
     from fedguard.privacy.accountant import epsilon, noise_for_epsilon
-    from fedguard.split.client import collate_with_counts
+    from fedguard.split.client import count_batches
 
     cfg = build_config({
         "name": "split-activation-dp", "seed": 2023,
@@ -125,8 +125,7 @@ def activation_dp(args, loaded) -> None:
         seam = BlockSeam(loaded.model, k_a, 2)
         norms, abs_sum, n = [], 0.0, 0
         with torch.no_grad():
-            for i in range(0, len(examples), 8):
-                batch, counts = collate_with_counts(examples[i:i + 8], pad)
+            for batch, counts in count_batches(examples, pad, 8):
                 h = seam.front(batch.input_ids, counts).float()
                 for j, c in enumerate(counts.tolist()):
                     norms.append(float(h[j, :c].norm()))

@@ -149,10 +149,16 @@ def build_eval_data(cfg: ExperimentConfig, tokenizer) -> EvalData:
     overrefusal = load_prompts(e.overrefusal_source, e.overrefusal_prompts, seed, "benign") \
         if e.overrefusal_prompts else []
     benign = load_checkable_prompts(e.benign_source, e.benign_prompts, seed) if e.benign_prompts else []
-    loss_examples: list[TokenizedExample] = []
-    if e.loss_examples:
-        pool = load_source(cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign",
-                           "eval", e.loss_examples, seed)
-        chosen = sample_examples(pool, e.loss_examples, numpy_rng(cfg.seed, "eval-loss"), "held-out loss set")
-        loss_examples = DataTokenizer(tokenizer, cfg)(chosen)
+    loss_examples = heldout_loss_examples(cfg, tokenizer, e.loss_examples, "eval-loss", "held-out loss set")
     return EvalData(harmful, benign, loss_examples, overrefusal)
+
+
+def heldout_loss_examples(cfg: ExperimentConfig, tokenizer, n: int, stream: str, what: str
+                          ) -> list[TokenizedExample]:
+    """``n`` tokenized examples of the data source's eval split (built-in benign for explicit partitions), drawn
+    with the seeded ``stream``: the held-out loss set of federated runs and of split runs."""
+    if not n:
+        return []
+    pool = load_source(cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign",
+                       "eval", n, cfg.seed + 1_000_003)
+    return DataTokenizer(tokenizer, cfg)(sample_examples(pool, n, numpy_rng(cfg.seed, stream), what))

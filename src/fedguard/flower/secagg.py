@@ -236,6 +236,43 @@ def _nothing(sent_global, report: dict[str, Any]) -> UpdateSum:
     return UpdateSum({k: torch.zeros_like(t, dtype=torch.float64) for k, t in sent_global.items()}, [], report=report)
 
 
+def _nodes_of(instructions, roster: dict[str, int], replies) -> dict[int, str]:
+    """Node id -> client id for the round's sampled clients, in sampling order; a client no node has enrolled
+    as fails with ``no_node``."""
+    clients: dict[int, str] = {}
+    for cid in instructions:
+        node = roster.get(cid)
+        if node is None:
+            replies.failed[cid] = "no_node: no node has enrolled as this client"
+        else:
+            clients[node] = cid
+    return clients
+
+
+def _cannot_sum(n: int, settings) -> str | None:
+    """Why ``n`` clients cannot be summed under ``settings`` (None: they can)."""
+    if n < 2:
+        return f"{n} client(s) with a node, fewer than the 2 secure aggregation needs"
+    if n * settings.quantization_range >= settings.modulus_range:
+        return (f"{n} clients x quantization_range {settings.quantization_range} does not fit in "
+                f"modulus_range {settings.modulus_range}")
+    return None
+
+
+def _read_sum(strategy, clients: dict[int, str], sent_global, report: dict[str, Any]):
+    """(the round's ``UpdateSum``, None), or (None, why) when the workflow's aggregate is unusable. The workflow
+    wrote the aggregate, (Σ x_u) / n over the n results, into every result's parameters."""
+    survivors = [proxy.node_id for proxy, _ in strategy.results]
+    arrays = parameters_to_ndarrays(strategy.results[0][1].parameters)
+    try:
+        if len(arrays) != 1:
+            raise ValueError(f"the aggregate has {len(arrays)} arrays, not 1")
+        total, unclipped = sum_from_vector(np.asarray(arrays[0], dtype=np.float64) * len(survivors), sent_global)
+        return UpdateSum(total, [clients[n] for n in clients if n in survivors], unclipped, report), None
+    except ValueError as exc:
+        return None, f"the SecAgg+ aggregate is unusable: {exc}"
+
+
 def secure_exchange(grid, cfg, roster: dict[str, int], server_round: int, instructions, progress):
     """One round under secure aggregation: Flower's ``SecAggPlusWorkflow`` among the sampled clients' nodes;
     ``Replies`` with no messages, the sum in ``summed`` (see the module's docstring)."""
@@ -250,13 +287,7 @@ def secure_exchange(grid, cfg, roster: dict[str, int], server_round: int, instru
     replies = Replies([], {})
     if not instructions:
         return replies
-    clients: dict[int, str] = {}  # node id -> client id, in the round's sampling order
-    for cid in instructions:
-        node = roster.get(cid)
-        if node is None:
-            replies.failed[cid] = "no_node: no node has enrolled as this client"
-        else:
-            clients[node] = cid
+    clients = _nodes_of(instructions, roster, replies)
     first = next(iter(instructions.values()))
     sent_global = WireSpec.from_config(cfg).sent_view(first.global_adapter)
     settings = round_settings(first.config, p.secagg_quantization_range, p.secagg_share_fraction,
@@ -264,12 +295,7 @@ def secure_exchange(grid, cfg, roster: dict[str, int], server_round: int, instru
     report: dict[str, Any] = {"secure_aggregation": PROTOCOL, "dropped": [], "bytes_up": 0, "bytes_down": 0,
                               "clipping_range": settings.clipping_range,
                               "quantization_range": settings.quantization_range}
-    why = None
-    if len(clients) < 2:
-        why = f"{len(clients)} client(s) with a node, fewer than the 2 secure aggregation needs"
-    elif len(clients) * settings.quantization_range >= settings.modulus_range:
-        why = (f"{len(clients)} clients x quantization_range {settings.quantization_range} does not fit in "
-               f"modulus_range {settings.modulus_range}")
+    why = _cannot_sum(len(clients), settings)
     if why is not None:  # nothing is sent: no client trains for a sum that cannot be made
         log.warning("round %d: secure aggregation skipped (%s); nothing is summed", server_round, why)
         replies.failed.update({cid: f"secure_aggregation: {why}" for cid in clients.values()})
@@ -297,16 +323,7 @@ def secure_exchange(grid, cfg, roster: dict[str, int], server_round: int, instru
 
     summed = None
     if why is None and strategy.results:
-        # the workflow wrote the aggregate, (Σ x_u) / n over the n results, into every result's parameters
-        survivors = [proxy.node_id for proxy, _ in strategy.results]
-        arrays = parameters_to_ndarrays(strategy.results[0][1].parameters)
-        try:
-            if len(arrays) != 1:
-                raise ValueError(f"the aggregate has {len(arrays)} arrays, not 1")
-            total, unclipped = sum_from_vector(np.asarray(arrays[0], dtype=np.float64) * len(survivors), sent_global)
-            summed = UpdateSum(total, [clients[n] for n in clients if n in survivors], unclipped, report)
-        except ValueError as exc:
-            why = f"the SecAgg+ aggregate is unusable: {exc}"
+        summed, why = _read_sum(strategy, clients, sent_global, report)
     if summed is None:
         why = why or _halt_reason(metered, len(clients))
         log.warning("round %d: secure aggregation failed (%s); nothing is summed", server_round, why)

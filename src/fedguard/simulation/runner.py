@@ -44,9 +44,10 @@ FINAL_METRICS_FILE = "final_metrics.json"
 FLORA_DELTA_FILE = "final_merged_delta.safetensors"  # FLoRA: ΔW per base weight, W = W_base + ΔW
 
 
-def new_run_dir(cfg: ExperimentConfig) -> Path:
+def new_run_dir(cfg: ExperimentConfig, kind: str = "") -> Path:
+    """A fresh ``OUTPUT_DIR/NAME[-KIND]-TIMESTAMP[-N]`` (``kind``: e.g. ``split``, ``split-server``)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    base = Path(cfg.output_dir) / f"{cfg.name}{'-' + kind if kind else ''}-{stamp}"
     path, n = base, 1
     while path.exists():
         n += 1

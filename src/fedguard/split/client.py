@@ -61,13 +61,18 @@ from fedguard.split.messages import (
 )
 from fedguard.split.params import PartLora
 
-__all__ = ["SplitClient", "collate_with_counts", "completion_loss"]
+__all__ = ["SplitClient", "collate_with_counts", "completion_loss", "count_batches"]
 
 
 def collate_with_counts(examples: Sequence[TokenizedExample], pad_id: int) -> tuple[Batch, torch.Tensor]:
     """fedguard's right-padded batch with completion targets, and each row's real token count ``[B]`` int64
     (from the examples: the pad id may also be a real token, e.g. the end-of-turn token)."""
     return collate(examples, pad_id), torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)
+
+
+def count_batches(examples: Sequence[TokenizedExample], pad_id: int, size: int) -> list[tuple[Batch, torch.Tensor]]:
+    """``examples`` in order, ``size`` at a time, each as ``collate_with_counts``."""
+    return [collate_with_counts(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
 
 
 def completion_loss(seam: BlockSeam, final_hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:

@@ -62,10 +62,7 @@ aggregation (``split.aggregate_clients``) is simulated in process only and refus
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -76,13 +73,8 @@ from typing import Any
 import torch
 
 from fedguard.config import ConfigError, ExperimentConfig
-from fedguard.io import (
-    NdjsonWriter,
-    atomic_write_json,
-    atomic_write_text,
-    publish_dir,
-    save_tensors,
-)
+from fedguard.io import NdjsonWriter, atomic_write_json
+from fedguard.split.train import SERVER_FILE_NOTE, adapters_manifest, client_file_note, publish_adapters
 
 log = logging.getLogger("fedguard")
 
@@ -189,44 +181,6 @@ def resident_parameter_bytes(model) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size()
     return total
-
-
-def _new_run_dir(cfg: ExperimentConfig, role: str) -> Path:
-    base = Path(cfg.output_dir) / f"{cfg.name}-split-{role}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def _adapters_manifest(cfg: ExperimentConfig, model: Role, files: dict[str, str], **extra) -> dict[str, Any]:
-    return {"base_model": model.loaded.fingerprint(), "k_a": cfg.split.k_a, "k_c": cfg.split.k_c,
-            "server_layers": list(model.seam.middle.layers), "lora": cfg.lora.model_dump(mode="json"),
-            "files": files, **extra}
-
-
-def _publish_adapters(run_dir: Path, tensors: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
-    final = run_dir / "adapters"
-    staging = Path(tempfile.mkdtemp(prefix=".adapters.", dir=run_dir))
-    try:
-        for name, state in tensors.items():
-            save_tensors(staging / name, state)
-        atomic_write_json(staging / "adapters.json", manifest)
-        publish_dir(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _check_manifest(cfg: ExperimentConfig, adapters_dir: Path) -> None:
-    manifest = adapters_dir / "adapters.json"
-    if manifest.is_file():
-        made = json.loads(manifest.read_text(encoding="utf-8"))
-        for name in ("k_a", "k_c"):
-            if made.get(name) != getattr(cfg.split, name):
-                raise ConfigError(f"{adapters_dir} was trained with split.{name}={made.get(name)}, the config has "
-                                  f"split.{name}={getattr(cfg.split, name)}")
 
 
 # ----------------------------------------------------------------------------------------------- server
@@ -384,10 +338,9 @@ class SplitService:
         with srv.cond, srv.compute_lock:  # no optimizer step half-way through the copy
             # at the end, hierarchical: the final average of the copies (as the in-process recipe does)
             state = srv.adapter_state() if final else srv.lora.state(GLOBAL)
-        manifest = _adapters_manifest(self.cfg, self.role, {"server.safetensors": "the server's LoRA of the middle "
-                                                                                   "blocks"},
-                                      role="server", server_optimizer_steps=srv.steps_done)
-        _publish_adapters(self.run_dir, {"server.safetensors": state}, manifest)
+        manifest = adapters_manifest(self.cfg, self.role, {"server.safetensors": SERVER_FILE_NOTE}, role="server",
+                                     server_optimizer_steps=srv.steps_done)
+        publish_adapters(self.run_dir, {"server.safetensors": state}, manifest)
 
 
 def serve_split(cfg: ExperimentConfig, address: str, credentials: str | Path, run_dir: Path | None = None, *,
@@ -397,15 +350,16 @@ def serve_split(cfg: ExperimentConfig, address: str, credentials: str | Path, ru
     """Run the split server until ``stop`` is set (the CLI sets it on SIGINT / SIGTERM); returns its run
     folder. ``on_ready(address, run_dir)`` is called once it accepts connections."""
     from fedguard.io import load_tensors
-    from fedguard.simulation.runner import CONFIG_FILE, RunLog
+    from fedguard.simulation.runner import RunLog
     from fedguard.split.grpc_transport import serve
     from fedguard.split.server import GLOBAL, SplitServer
+    from fedguard.split.train import check_adapters_manifest, need_adapter_file, prepare_run_dir
 
     ca, cert, key = server_credentials(credentials)
     if adapters is not None:
         adapters = Path(adapters)
-        _check_manifest(cfg, adapters)
-        _need(adapters / "server.safetensors", "the server's LoRA of a finished run")
+        check_adapters_manifest(cfg, adapters)
+        need_adapter_file(adapters / "server.safetensors")
     if clients is not None:
         from fedguard.split.grpc_transport import _CLIENT_ID
 
@@ -413,12 +367,7 @@ def serve_split(cfg: ExperimentConfig, address: str, credentials: str | Path, ru
         if bad:
             raise ConfigError(f"--clients: {bad} are not client ids (1-64 of [A-Za-z0-9._-])")
     role = load_role(cfg, "server", loaded)
-    run_dir = Path(run_dir) if run_dir is not None else _new_run_dir(cfg, "server")
-    if (run_dir / SERVER_METRICS_FILE).exists():
-        raise ConfigError(f"{run_dir} already holds a split server's run; pass another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
-    atomic_write_text(run_dir / "metrics.ndjson", "")
+    run_dir = prepare_run_dir(cfg, run_dir, "split-server", marker=SERVER_METRICS_FILE, what="a split server's run")
     run_log = RunLog(run_dir, console_output=not quiet)
     stop = stop or threading.Event()
     try:
@@ -513,15 +462,17 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
     """One client's split training against a remote server (see the module docstring); a ``SplitRun``."""
     from fedguard.data.federation import build_client_data
     from fedguard.model import load_base_model
-    from fedguard.simulation.runner import CONFIG_FILE, RunLog
-    from fedguard.split.client import collate_with_counts
+    from fedguard.simulation.runner import RunLog
+    from fedguard.split.client import count_batches
     from fedguard.split.train import (
         FINAL_METRICS_FILE,
         METRICS_FILE,
         BatchStream,
         SplitRun,
-        _eval_examples,
+        eval_examples,
         evaluate_and_log,
+        metered_step,
+        prepare_run_dir,
     )
 
     s = cfg.split
@@ -535,12 +486,7 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
     role, client = remote_client(cfg, transport, client_id, weight=float(len(data)), loaded=loaded)
     t0 = time.perf_counter()
     reply = hello(client, connect_timeout)  # a refusal ends the client before it writes anything
-    run_dir = Path(run_dir) if run_dir is not None else _new_run_dir(cfg, f"client-{client_id}")
-    if (run_dir / FINAL_METRICS_FILE).exists():
-        raise ConfigError(f"{run_dir} already holds a finished split run; pass another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
-    atomic_write_text(run_dir / METRICS_FILE, "")
+    run_dir = prepare_run_dir(cfg, run_dir, f"split-client-{client_id}")
     run_log = RunLog(run_dir, console_output=not quiet)
     try:
         log.info("split client %s: partition %d (%d examples), %s at %s, k_a=%d, k_c=%d, %d steps, noise %s",
@@ -549,9 +495,7 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
         pad_id = loaded.tokenizer.pad_token_id
         stream = BatchStream(data.examples, cfg.train.batch_size, pad_id, cfg.seed, client.id)
         writer = NdjsonWriter(run_dir / METRICS_FILE)
-        eval_set = _eval_examples(cfg, loaded.tokenizer)
-        eval_batches = [collate_with_counts(eval_set[i:i + cfg.eval.batch_size], pad_id)
-                        for i in range(0, len(eval_set), cfg.eval.batch_size)]
+        eval_batches = count_batches(eval_examples(cfg, loaded.tokenizer), pad_id, cfg.eval.batch_size)
         evals: dict[str, Any] = {}
 
         def evaluate(when: str) -> None:
@@ -563,27 +507,19 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
         evaluate("before")
         if s.evaluate:
             evals["evaluation_before"] = evaluate_and_log(cfg, loaded, client, writer, "before")
-        losses, seconds, step_bytes = [], [], []
+        records = []
         for step in range(1, s.steps + 1):
-            before = transport.bytes_of(client.id)
-            batch, counts = stream.next()
-            m = client.train_step(batch, counts, step)
-            after = transport.bytes_of(client.id)
-            sent = {k: {d: after[k][d] - before.get(k, {}).get(d, 0) for d in ("up", "down")} for k in after}
-            writer.append({"client": client.id, "step": step, "lr": client._lr(step), **m,
-                           "bytes": {k: v for k, v in sent.items() if v["up"] or v["down"]}})
-            losses.append(m["loss"])
-            seconds.append(m["seconds"])
-            step_bytes.append(sum(v["up"] + v["down"] for v in sent.values()))
-            if step == 1 or step == s.steps or step % 10 == 0:
-                log.info("client %s step %d/%d: loss %.4f, mean|h_A| %.4g, mean|noise| %.4g, %.2f s", client.id, step,
-                         s.steps, m["loss"], m["mean_abs_h"], m["mean_abs_noise"], m["seconds"])
+            records.append(metered_step(client, transport, stream, step))
+            writer.append(records[-1])  # fsynced per step, as it happens
+        losses = [r["loss"] for r in records]
+        seconds = [r["seconds"] for r in records]
+        step_bytes = [sum(v["up"] + v["down"] for v in r["bytes"].values()) for r in records]
         evaluate("after")
         if s.evaluate:
             evals["evaluation"] = evaluate_and_log(cfg, loaded, client, writer, "after")
         name = f"client-{client.id}.safetensors"
-        _publish_adapters(run_dir, {name: client.adapter_state()}, _adapters_manifest(
-            cfg, role, {name: f"client {client.id}'s LoRA of its input and output blocks"}, role="client",
+        publish_adapters(run_dir, {name: client.adapter_state()}, adapters_manifest(
+            cfg, role, {name: client_file_note(client.id)}, role="client",
             server=transport.target, server_adapters="held by the split server (its run folder's "
                                                      "adapters/server.safetensors)"))
         total = transport.bytes_of(client.id)
@@ -609,37 +545,19 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
         run_log.close()
 
 
-def load_client_adapters(client, adapters_dir: Path, owner: str) -> None:
-    """``adapters_dir/client-<owner>.safetensors`` into ``client``'s parts, and the merged client delta if the
-    run aggregated the clients' parts."""
-    from fedguard.io import load_tensors
-    from fedguard.split.train import DELTA_FILE
-
-    adapters_dir = Path(adapters_dir)
-    state = load_tensors(_need(adapters_dir / f"client-{owner}.safetensors",
-                               f"client {owner}'s LoRA from a finished `fedguard split train` run"))
-    for bank in client.banks:
-        bank.load(client.id, {k: state[k] for k in bank.linears})
-    delta_path = adapters_dir / DELTA_FILE
-    if delta_path.is_file():
-        delta = load_tensors(delta_path)
-        suffix = ".base_layer.weight"
-        for bank in client.banks:
-            bank.merge_into_base({k[:-len(suffix)]: t for k, t in delta.items() if k[:-len(suffix)] in bank.layers})
-
-
 def generate_remote(cfg: ExperimentConfig, transport, client_id: str, prompts: Sequence[str], *,
                     max_new_tokens: int, adapters: Path | None = None, adapters_client: str | None = None,
                     loaded=None, connect_timeout: float = CONNECT_TIMEOUT) -> dict[str, Any]:
     """Greedy chat answers through a remote server: {"answers", "tokens", "bytes", "decode_steps",
     "seconds", "seconds_per_decode_step"}."""
     from fedguard.split.generate import generate_chat
+    from fedguard.split.train import check_adapters_manifest, load_client_parts
 
     if adapters is not None:
-        _check_manifest(cfg, Path(adapters))
+        check_adapters_manifest(cfg, Path(adapters))
     role, client = remote_client(cfg, transport, client_id, loaded=loaded)
     if adapters is not None:
-        load_client_adapters(client, adapters, adapters_client or client_id)
+        load_client_parts(client.banks, client.id, adapters, adapters_client or client_id)
     before = transport.bytes_of(client_id)
     hello(client, connect_timeout)
     t0 = time.perf_counter()

@@ -66,7 +66,7 @@ from fedguard.model.blocks import BlockSeam
 from fedguard.model.keys import a_key, b_key, base_layer_key
 from fedguard.model.loading import LoadedModel
 from fedguard.seeding import derive_seed, numpy_rng
-from fedguard.split.client import SplitClient, collate_with_counts
+from fedguard.split.client import SplitClient, collate_with_counts, count_batches
 from fedguard.split.messages import split_spec
 from fedguard.split.params import PartLora
 from fedguard.split.server import GLOBAL, SplitServer
@@ -74,8 +74,10 @@ from fedguard.split.transport import InProcessTransport
 
 log = logging.getLogger("fedguard")
 
-__all__ = ["SplitRun", "SplitSystem", "aggregate_client_parts", "build_split_system", "check_split_config",
-           "evaluate_and_log", "load_split_adapters", "train_split"]
+__all__ = ["SplitRun", "SplitSystem", "aggregate_client_parts", "build_split_system", "check_adapters_manifest",
+           "check_split_config", "evaluate_and_log", "load_client_parts", "load_split_adapters", "metered_step",
+           "need_adapter_file",
+           "prepare_run_dir", "train_split"]
 
 METRICS_FILE = "metrics.ndjson"
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -195,42 +197,38 @@ class BatchStream:
         return collate_with_counts([self.examples[i] for i in idx], self.pad_id)
 
 
-def _eval_examples(cfg: ExperimentConfig, tokenizer) -> list[TokenizedExample]:
-    if not cfg.split.eval_examples:
-        return []
-    from fedguard.data.federation import DataTokenizer, sample_examples
-    from fedguard.data.readers import load_source
+def eval_examples(cfg: ExperimentConfig, tokenizer) -> list[TokenizedExample]:
+    """The ``split.eval_examples`` held-out examples each client measures its loss on."""
+    from fedguard.data.federation import heldout_loss_examples
 
-    n = cfg.split.eval_examples
-    source = cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign"
-    pool = load_source(source, "eval", n, cfg.seed + 1_000_003)
-    return DataTokenizer(tokenizer, cfg)(sample_examples(pool, n, numpy_rng(cfg.seed, "split-eval"), "split eval set"))
+    return heldout_loss_examples(cfg, tokenizer, cfg.split.eval_examples, "split-eval", "split eval set")
 
 
-def new_split_run_dir(cfg: ExperimentConfig) -> Path:
-    base = Path(cfg.output_dir) / f"{cfg.name}-split-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path | None, kind: str, *, marker: str = FINAL_METRICS_FILE,
+                    what: str = "a finished split run") -> Path:
+    """The run folder (``run_dir``, or a fresh ``OUTPUT_DIR/NAME-KIND-TIMESTAMP``) with the resolved
+    ``config.yaml`` and an empty ``metrics.ndjson``; refuses a folder that holds ``marker`` (``what``)."""
+    from fedguard.simulation.runner import CONFIG_FILE, new_run_dir
+
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg, kind)
+    if (run_dir / marker).exists():
+        raise ConfigError(f"{run_dir} already holds {what}; pass another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+    atomic_write_text(run_dir / METRICS_FILE, "")
+    return run_dir
 
 
 def train_split(cfg: ExperimentConfig, run_dir: Path | None = None, *, quiet: bool = False,
                 loaded: LoadedModel | None = None) -> SplitRun:
     """Run split training as configured and write the run folder (see the module docstring)."""
     from fedguard.model import load_base_model
-    from fedguard.simulation.runner import CONFIG_FILE, RunLog
+    from fedguard.simulation.runner import RunLog
 
     if loaded is None:
         loaded = load_base_model(cfg.model)
     check_split_config(cfg, loaded.model.config.num_hidden_layers)  # before anything is written
-    run_dir = Path(run_dir) if run_dir is not None else new_split_run_dir(cfg)
-    if (run_dir / FINAL_METRICS_FILE).exists():
-        raise ConfigError(f"{run_dir} already holds a finished split run; pass another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
-    atomic_write_text(run_dir / METRICS_FILE, "")
+    run_dir = prepare_run_dir(cfg, run_dir, "split")
     run_log = RunLog(run_dir, console_output=not quiet)
     try:
         return _train(cfg, run_dir, loaded)
@@ -255,9 +253,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRu
     streams = {c.id: BatchStream(d.examples, cfg.train.batch_size, pad_id, cfg.seed, c.id) for c, d in zip(clients, data)}
     writer = NdjsonWriter(run_dir / METRICS_FILE)
     write_lock = threading.Lock()
-    eval_set = _eval_examples(cfg, loaded.tokenizer)
-    eval_batches = [collate_with_counts(eval_set[i:i + cfg.eval.batch_size], pad_id)
-                    for i in range(0, len(eval_set), cfg.eval.batch_size)]
+    eval_batches = count_batches(eval_examples(cfg, loaded.tokenizer), pad_id, cfg.eval.batch_size)
     per_client: dict[str, dict[str, Any]] = {c.id: {"losses": [], "examples": len(d)} for c, d in zip(clients, data)}
 
     def evaluate(when: str) -> None:
@@ -271,23 +267,54 @@ def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRu
                  ", ".join(f"client {c.id} {per_client[c.id][f'eval_loss_{when}']:.4f}" for c in clients))
 
     def one_step(c: SplitClient, step: int) -> None:
-        before = system.transport.bytes_of(c.id)
-        batch, counts = streams[c.id].next()
-        m = c.train_step(batch, counts, step)
-        after = system.transport.bytes_of(c.id)
-        sent = {k: {d: after[k][d] - before.get(k, {}).get(d, 0) for d in ("up", "down")} for k in after}
-        record = {"client": c.id, "step": step, "lr": c._lr(step), **m,
-                  "bytes": {k: v for k, v in sent.items() if v["up"] or v["down"]}}
+        record = metered_step(c, system.transport, streams[c.id], step)
         with write_lock:
             writer.append(record)
-            per_client[c.id]["losses"].append(m["loss"])
-        if step == 1 or step == s.steps or step % 10 == 0:
-            log.info("client %s step %d/%d: loss %.4f, mean|h_A| %.4g, mean|noise| %.4g", c.id, step, s.steps,
-                     m["loss"], m["mean_abs_h"], m["mean_abs_noise"])
+            per_client[c.id]["losses"].append(record["loss"])
 
     evaluate("before")
     # before training every client holds the same model: one evaluation is the baseline of all
     baseline = evaluate_and_log(cfg, loaded, clients[0], writer, "before") if s.evaluate else None
+    aggregations, merged = _run_schedule(cfg, clients, one_step, writer)
+    server_state = system.server.adapter_state()  # hierarchical: the final average of the copies
+    evaluate("after")
+    # after aggregation every client holds the same A and C: one evaluation stands for all
+    evaluation = {c.id: evaluate_and_log(cfg, loaded, c, writer, "after")
+                  for c in (clients[:1] if s.aggregate_clients else clients)} if s.evaluate else {}
+
+    adapters = _write_adapters(run_dir, cfg, system, server_state, merged)
+    final = {**_final_metrics(cfg, system, per_client), "client_aggregations": aggregations,
+             **({"evaluation_before": baseline, "evaluation": evaluation,
+                 "evaluation_shared_by_all_clients": s.aggregate_clients} if evaluation else {}),
+             "adapters": adapters, "seconds": time.perf_counter() - t0}
+    atomic_write_json(run_dir / FINAL_METRICS_FILE, final)
+    log.info("split run finished: loss %.4f -> %.4f, %d bytes over the wire, %s", final["loss_first"],
+             final["loss_last"], final["bytes_total"], run_dir)
+    return SplitRun(run_dir, final)
+
+
+def metered_step(client: SplitClient, transport, stream: BatchStream, step: int) -> dict[str, Any]:
+    """One training step of ``client`` on its stream's next batch: the ``metrics.ndjson`` record (the step's
+    metrics, its lr, and the bytes of its messages per kind and direction), also logged every 10 steps."""
+    before = transport.bytes_of(client.id)
+    batch, counts = stream.next()
+    m = client.train_step(batch, counts, step)
+    after = transport.bytes_of(client.id)
+    sent = {k: {d: after[k][d] - before.get(k, {}).get(d, 0) for d in ("up", "down")} for k in after}
+    steps = client.split.steps
+    if step == 1 or step == steps or step % 10 == 0:
+        log.info("client %s step %d/%d: loss %.4f, mean|h_A| %.4g, mean|noise| %.4g, %.2f s", client.id, step, steps,
+                 m["loss"], m["mean_abs_h"], m["mean_abs_noise"], m["seconds"])
+    return {"client": client.id, "step": step, "lr": client._lr(step), **m,
+            "bytes": {k: v for k, v in sent.items() if v["up"] or v["down"]}}
+
+
+def _run_schedule(cfg: ExperimentConfig, clients: Sequence[SplitClient], one_step, writer: NdjsonWriter
+                  ) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """``split.steps`` steps of every client in ``split.mode``'s order, in blocks of ``split.aggregate_every``
+    steps with the clients' parts aggregated after each block (when configured); returns the number of
+    aggregations and the summed merged ΔW."""
+    s = cfg.split
     every = s.aggregate_every if s.aggregate_clients and s.aggregate_every else s.steps
     aggregations, merged = 0, None
     for start in range(1, s.steps + 1, every):
@@ -313,39 +340,30 @@ def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRu
             writer.append({"event": "aggregate", "after_step": steps[-1], "modules": len(delta)})
             log.info("aggregated the clients' own parts after step %d (exact mean of B·A, %d modules)",
                      steps[-1], len(delta))
-    server_state = system.server.adapter_state()  # hierarchical: the final average of the copies
-    evaluate("after")
-    # after aggregation every client holds the same A and C: one evaluation stands for all
-    evaluation = {c.id: evaluate_and_log(cfg, loaded, c, writer, "after")
-                  for c in (clients[:1] if s.aggregate_clients else clients)} if s.evaluate else {}
+    return aggregations, merged
 
-    adapters = _write_adapters(run_dir, cfg, system, server_state, merged)
+
+def _final_metrics(cfg: ExperimentConfig, system: SplitSystem, per_client: dict[str, dict[str, Any]]
+                   ) -> dict[str, Any]:
+    s = cfg.split
     bytes_total = system.transport.bytes_of()
-    steps_logged = [x for v in per_client.values() for x in v["losses"]]
-    final = {
+    trained = [v for v in per_client.values() if v["losses"]]
+    return {
         "mode": s.mode, "k_a": s.k_a, "k_c": s.k_c, "server_layers": list(system.seam.middle.layers),
-        "clients": len(clients), "steps_per_client": s.steps, "client_steps": len(steps_logged),
+        "clients": len(system.clients), "steps_per_client": s.steps,
+        "client_steps": sum(len(v["losses"]) for v in trained),
         "server_optimizer_steps": system.server.steps_done,
         "noise": {"mode": s.noise.mode, "scale": s.noise.scale},
         "grad_noise": {"clip": s.grad_noise.clip, "std": s.grad_noise.std},
-        "loss_first": _mean([v["losses"][0] for v in per_client.values() if v["losses"]]),
-        "loss_last": _mean([v["losses"][-1] for v in per_client.values() if v["losses"]]),
+        "loss_first": _mean([v["losses"][0] for v in trained]),
+        "loss_last": _mean([v["losses"][-1] for v in trained]),
         "per_client": {cid: {"examples": v["examples"], "loss_first": v["losses"][0], "loss_last": v["losses"][-1],
                              **{k: v[k] for k in ("eval_loss_before", "eval_loss_after") if k in v}}
                        for cid, v in per_client.items()},
         "bytes": bytes_total,
         "bytes_total": sum(d["up"] + d["down"] for d in bytes_total.values()),
         "messages": dict(system.transport.messages),
-        "client_aggregations": aggregations,
-        **({"evaluation_before": baseline, "evaluation": evaluation,
-            "evaluation_shared_by_all_clients": s.aggregate_clients} if evaluation else {}),
-        "adapters": adapters,
-        "seconds": time.perf_counter() - t0,
     }
-    atomic_write_json(run_dir / FINAL_METRICS_FILE, final)
-    log.info("split run finished: loss %.4f -> %.4f, %d bytes over the wire, %s", final["loss_first"],
-             final["loss_last"], final["bytes_total"], run_dir)
-    return SplitRun(run_dir, final)
 
 
 def evaluate_and_log(cfg: ExperimentConfig, loaded: LoadedModel, client: SplitClient, writer: NdjsonWriter,
@@ -366,63 +384,95 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _write_adapters(run_dir: Path, cfg: ExperimentConfig, system: SplitSystem, server_state, merged) -> list[str]:
+SERVER_FILE_NOTE = "the server's LoRA of the middle blocks"
+
+
+def client_file_note(client_id: str) -> str:
+    return f"client {client_id}'s LoRA of its input and output blocks"
+
+
+def adapters_manifest(cfg: ExperimentConfig, holder, files: dict[str, str], **extra) -> dict[str, Any]:
+    """``adapters.json``: what the files are and what they fit (``holder``: anything with ``loaded`` and
+    ``seam``, a ``SplitSystem`` or a process's role)."""
+    return {"base_model": holder.loaded.fingerprint(), "k_a": cfg.split.k_a, "k_c": cfg.split.k_c,
+            "server_layers": list(holder.seam.middle.layers), "lora": cfg.lora.model_dump(mode="json"),
+            "files": files, **extra}
+
+
+def publish_adapters(run_dir: Path, tensors: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
+    """``run_dir/adapters/``: ``tensors`` (file name -> state) and ``adapters.json``, staged and moved into place
+    whole."""
     import shutil
     import tempfile
 
-    final = run_dir / ADAPTERS_DIR
     staging = Path(tempfile.mkdtemp(prefix=f".{ADAPTERS_DIR}.", dir=run_dir))
     try:
-        files = {"server.safetensors": "the server's LoRA of the middle blocks"}
-        save_tensors(staging / "server.safetensors", server_state)
-        for c in system.clients:
-            name = f"client-{c.id}.safetensors"
-            save_tensors(staging / name, c.adapter_state())
-            files[name] = f"client {c.id}'s LoRA of its input and output blocks"
-        if merged is not None:
-            save_tensors(staging / DELTA_FILE, {base_layer_key(m): d.float() for m, d in merged.items()})
-            files[DELTA_FILE] = ("the exact mean of the clients' ΔW merged into the client blocks: "
-                                 "W = W_base + ΔW (the client LoRA files then hold what was trained after it)")
-        atomic_write_json(staging / "adapters.json", {
-            "base_model": system.loaded.fingerprint(), "k_a": cfg.split.k_a, "k_c": cfg.split.k_c,
-            "server_layers": list(system.seam.middle.layers), "lora": cfg.lora.model_dump(mode="json"),
-            "files": files})
-        publish_dir(staging, final)
+        for name, state in tensors.items():
+            save_tensors(staging / name, state)
+        atomic_write_json(staging / "adapters.json", manifest)
+        publish_dir(staging, run_dir / ADAPTERS_DIR)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_adapters(run_dir: Path, cfg: ExperimentConfig, system: SplitSystem, server_state, merged) -> list[str]:
+    tensors, files = {"server.safetensors": server_state}, {"server.safetensors": SERVER_FILE_NOTE}
+    for c in system.clients:
+        name = f"client-{c.id}.safetensors"
+        tensors[name], files[name] = c.adapter_state(), client_file_note(c.id)
+    if merged is not None:
+        tensors[DELTA_FILE] = {base_layer_key(m): d.float() for m, d in merged.items()}
+        files[DELTA_FILE] = ("the exact mean of the clients' ΔW merged into the client blocks: "
+                             "W = W_base + ΔW (the client LoRA files then hold what was trained after it)")
+    publish_adapters(run_dir, tensors, adapters_manifest(cfg, system, files))
     return sorted(files)
+
+
+def check_adapters_manifest(cfg: ExperimentConfig, adapters_dir: Path) -> None:
+    """A finished run's ``adapters.json`` must name this config's partition points (when it is there)."""
+    import json
+
+    manifest = Path(adapters_dir) / "adapters.json"
+    if manifest.is_file():
+        made = json.loads(manifest.read_text(encoding="utf-8"))
+        for name in ("k_a", "k_c"):
+            if made.get(name) != getattr(cfg.split, name):
+                raise ConfigError(f"{adapters_dir} was trained with split.{name}={made.get(name)}, the config has "
+                                  f"split.{name}={getattr(cfg.split, name)}")
+
+
+def need_adapter_file(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (a finished `fedguard split train` run's adapters folder?)")
+    return path
+
+
+def load_client_parts(banks: Sequence[PartLora], client_id: str, adapters_dir: Path, owner: str) -> None:
+    """``adapters_dir/client-<owner>.safetensors`` into ``client_id``'s LoRA of A and C in ``banks``, and the
+    merged client delta into those layers' base weights if the run aggregated the clients' parts."""
+    from fedguard.io import load_tensors
+
+    adapters_dir = Path(adapters_dir)
+    state = load_tensors(need_adapter_file(adapters_dir / f"client-{owner}.safetensors"))
+    for bank in banks:
+        bank.load(str(client_id), {k: state[k] for k in bank.linears})
+    delta_path = adapters_dir / DELTA_FILE
+    if delta_path.is_file():
+        delta = load_tensors(delta_path)
+        suffix = ".base_layer.weight"
+        for bank in banks:
+            bank.merge_into_base({k[:-len(suffix)]: t for k, t in delta.items() if k[:-len(suffix)] in bank.layers})
 
 
 def load_split_adapters(system: SplitSystem, adapters_dir: Path, client_id: str) -> None:
     """Load a finished run's adapters into ``system`` for generation: the server's LoRA, client ``client_id``'s
     LoRA of A and C, and the merged client delta if the run aggregated. Call before the clients' hello."""
-    import json
-
     from fedguard.io import load_tensors
 
     adapters_dir = Path(adapters_dir)
-    manifest = adapters_dir / "adapters.json"
-    if manifest.is_file():
-        made = json.loads(manifest.read_text(encoding="utf-8"))
-        split = system.server.split
-        for name, mine in (("k_a", split.k_a), ("k_c", split.k_c)):
-            if made.get(name) != mine:
-                raise ConfigError(f"{adapters_dir} was trained with split.{name}={made.get(name)}, the config has "
-                                  f"split.{name}={mine}")
-    server = adapters_dir / "server.safetensors"
-    mine = adapters_dir / f"client-{client_id}.safetensors"
-    for p in (server, mine):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} not found (a finished `fedguard split train` run's adapters folder?)")
+    check_adapters_manifest(system.server.cfg, adapters_dir)
+    server = need_adapter_file(adapters_dir / "server.safetensors")
+    need_adapter_file(adapters_dir / f"client-{client_id}.safetensors")  # both named before anything is loaded
     system.server.lora.load(GLOBAL, load_tensors(server))
-    state = load_tensors(mine)
-    client = next(c for c in system.clients if c.id == str(client_id))
-    for bank in system.banks:
-        bank.load(client.id, {k: state[k] for k in bank.linears})
-    delta_path = adapters_dir / DELTA_FILE
-    if delta_path.is_file():
-        delta = load_tensors(delta_path)
-        suffix = ".base_layer.weight"
-        for bank in system.banks:
-            bank.merge_into_base({k[:-len(suffix)]: t for k, t in delta.items() if k[:-len(suffix)] in bank.layers})
+    load_client_parts(system.banks, str(client_id), adapters_dir, str(client_id))
