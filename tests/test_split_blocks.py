@@ -255,6 +255,11 @@ def test_caches_belong_to_their_part(tiny4):
         assert middle_cache.valid is None and middle_cache.get_seq_length() == 0
         assert seam.middle(h, counts, cache=middle_cache).equal(first)
         assert seam.middle(h, counts).equal(first)
+        # only the part's own layers may write to its cache (a layer of the front writing here is a wiring bug)
+        kv = torch.zeros(ids.shape[0], peft_model.config.num_key_value_heads, 1,
+                         peft_model.config.hidden_size // peft_model.config.num_attention_heads)
+        with pytest.raises(ValueError, match="wrote to the cache"):
+            middle_cache.update(kv, kv, 0)
 
 
 # --- 4. masks from counts; partition points ------------------------------------------------------------------

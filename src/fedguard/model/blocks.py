@@ -32,10 +32,11 @@ followed by padding). Everything else is rebuilt by each part locally:
   (``attention_mask_from_counts``): a float ``0 / finfo.min`` mask for eager attention, a boolean mask, or
   ``None`` (``is_causal``) where sdpa can skip it. No mask tensor ever needs to cross.
 * **KV cache (collaborative decoding).** ``part.new_cache()`` (or ``seam.new_caches()``) returns a
-  ``PartCache``: a transformers ``DynamicCache`` indexed by *global* layer index whose slots outside the
-  part are ``DummyLayer`` s (a stray write to a layer the part does not own raises), plus the 2-D padding
-  mask of everything the part has seen (``cache.valid``), from which positions and masks of later chunks
-  follow. So a decode step sends only ``[B, 1, H]`` between parts: no counts (a decode chunk is all real
+  ``PartCache``: a transformers ``DynamicCache`` indexed by *global* layer index that only the part's own
+  layers may write (a stray write to another layer raises) and whose lengths are read from the part's first
+  layer, plus the 2-D padding mask of everything the part has seen (``cache.valid``), from which positions
+  and masks of later chunks follow. It uses only the public cache API (``update``, ``get_seq_length``,
+  ``reset``, ``create_causal_mask(layer_idx=...)``): no layer classes of transformers' internals. So a decode step sends only ``[B, 1, H]`` between parts: no counts (a decode chunk is all real
   tokens), no positions, no mask, no K/V. ``greedy_decode`` runs prefill and decode through the three parts
   with three such caches; rows may be right-padded to different lengths (the pad slots stay in each cache,
   masked, so a padded batch decodes like each prompt alone, up to fp32 rounding of the longer reductions).
@@ -58,7 +59,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DummyLayer, DynamicCache
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 __all__ = ["BlockPart", "BlockSeam", "PartCache", "SplitPoints", "attention_mask_from_counts", "chunk_positions",
@@ -117,16 +118,24 @@ def padding_mask_from_counts(counts: torch.Tensor | None, length: int, batch: in
 
 
 class PartCache(DynamicCache):
-    """The KV cache of one part: a ``DynamicCache`` over the global layer indices whose slots for other
-    parts' layers are ``DummyLayer`` s, plus ``valid``, the 2-D padding mask of every token seen so far."""
+    """The KV cache of one part: a ``DynamicCache`` over the global layer indices in which only the part's own
+    layers store keys and values (a write to another layer raises), plus ``valid``, the 2-D padding mask of every
+    token seen so far. Every owned layer holds the same tokens, so lengths are read from the first one."""
 
     def __init__(self, config, layers: Iterable[int]):
         super().__init__(config=config)
         self.owned = tuple(layers)
-        for i in range(len(self.layers)):
-            if i not in self.owned:
-                self.layers[i] = DummyLayer()
+        if not self.owned:
+            raise ValueError("a PartCache needs at least one layer")
         self.valid: torch.Tensor | None = None  # [B, seen] bool
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self.owned:
+            raise ValueError(f"layer {layer_idx} wrote to the cache of the part holding layers {list(self.owned)}")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        return super().get_seq_length(self.owned[0] if layer_idx is None else layer_idx)
 
     def seen_tokens(self) -> int:
         return 0 if self.valid is None else int(self.valid.shape[1])
@@ -160,8 +169,14 @@ def attention_mask_from_counts(config, hidden: torch.Tensor, counts: torch.Tenso
     kv_valid = _kv_valid(counts, batch, length, cache, hidden.device)
     if positions is None:
         positions = chunk_positions(batch, length, cache, hidden.device)
+    return _causal_mask(config, hidden, kv_valid, cache, positions)
+
+
+def _causal_mask(config, hidden: torch.Tensor, kv_valid: torch.Tensor, cache, positions: torch.Tensor):
+    # A part's cache is sized by its own first layer (by default transformers reads the model's first layer).
+    owned = getattr(cache, "owned", None)
     return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=kv_valid, cache=cache,
-                              position_ids=positions)
+                              position_ids=positions, layer_idx=owned[0] if owned else None)
 
 
 def _kv_valid(counts, batch: int, length: int, cache, device) -> torch.Tensor:
@@ -237,8 +252,7 @@ class BlockPart:
         kv_valid = _kv_valid(counts, batch, length, cache, hidden.device)
         if positions is None:
             positions = chunk_positions(batch, length, cache, hidden.device)
-        mask = create_causal_mask(config=self.seam.config, inputs_embeds=hidden, attention_mask=kv_valid, cache=cache,
-                                  position_ids=positions)
+        mask = _causal_mask(self.seam.config, hidden, kv_valid, cache, positions)
         rotary = decoder.rotary_emb(hidden, position_ids=positions)
         for i in self.layers:
             hidden = decoder.layers[i](hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions,
