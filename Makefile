@@ -11,7 +11,9 @@ PYTHON  ?= python3
 export TORCH_FIND_LINKS ?= /opt/wheels
 export FEDGUARD_CACHE ?= $(CURDIR)/.cache/fedguard
 # uv ignores pip's machine-wide configuration; pip (which only bootstraps uv) is told to as well.
-UV_SYNC := $(UV) pip sync --quiet --python $(PY) --require-hashes --find-links $(TORCH_FIND_LINKS)
+# --compile-bytecode: every test subprocess, Ray worker and SuperNode imports torch and transformers; from
+# bytecode that is ~2.5x faster than from source (where PYTHONDONTWRITEBYTECODE is set, nothing caches it later).
+UV_SYNC := $(UV) pip sync --quiet --python $(PY) --require-hashes --compile-bytecode --find-links $(TORCH_FIND_LINKS)
 PIP_BOOT := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PY) -m pip install --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := setup
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP_BOOT) --no-deps --require-hashes -r $(VENV)/uv.txt
 	$(UV_SYNC) $(LOCK)
 	# fedguard itself, editable; no build isolation, so its build backend comes from the lock too.
-	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation --offline -e .
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation --offline --compile-bytecode -e .
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,6 +11,8 @@ from pathlib import Path
 from fedguard.config import DEFENSE_LEVELS, ConfigError, load_config
 
 EXAMPLES = """examples:
+  fedguard run tiny                      # a shipped config by name (seconds, a tiny random model)
+  fedguard init my-configs               # write the shipped configs out to edit
   fedguard run configs/default.yaml
   fedguard run configs/default.yaml --set federation.rounds=5 --set train.lr=1e-4
   fedguard resume runs/default-20261122-101500
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     _study_parsers(sub)
     _deploy_parser(sub)
     _split_parser(sub)
+    init = sub.add_parser("init", help="write the shipped example configs (tiny, default, ...) into a folder to edit")
+    init.add_argument("dir", type=Path, nargs="?", default=Path("configs"))
+    init.add_argument("--force", action="store_true", help="overwrite configs that are already there")
     prep = sub.add_parser("prepare-model", help="convert the embedded model to a cached safetensors folder")
     prep.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     return p
@@ -48,7 +53,7 @@ def _run_parsers(sub) -> None:
     run = sub.add_parser("run", help="run an experiment from a YAML config",
                          description="Run an experiment. Writes a run directory with the resolved config, "
                                      "per-round metrics (NDJSON), PEFT checkpoints, final metrics and a report.")
-    run.add_argument("config", help="experiment YAML (see configs/)")
+    run.add_argument("config", help="experiment YAML, or a shipped config by name (tiny, default, ...: `fedguard init`)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field by its dotted name, e.g. --set train.lr=1e-4 (repeatable)")
     run.add_argument("--run-dir", type=Path, default=None, help="write here instead of OUTPUT_DIR/NAME-TIMESTAMP")
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             return _deploy(args)
         if args.command == "split":
             return _split(args)
+        if args.command == "init":
+            return _init(args.dir, args.force)
         if args.command == "prepare-model":
             from fedguard.model.registry import resolve_model_path
 
@@ -195,6 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _init(folder: Path, force: bool) -> int:
+    from fedguard.config import shipped_configs
+    from fedguard.io import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in shipped_configs().items():
+        path = folder / f"{name}.yaml"
+        if path.exists() and not force:
+            print(f"kept {path} (exists; --force overwrites)")
+            continue
+        atomic_write_text(path, text)
+        print(f"wrote {path}")
+    return 0
 
 
 def _run(args) -> int:

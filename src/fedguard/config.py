@@ -837,14 +837,36 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def shipped_configs() -> dict[str, str]:
+    """The example configs installed with fedguard (``configs/`` in a checkout), by name: ``{"tiny": YAML text}``."""
+    from importlib.resources import files
+
+    folder = files("fedguard") / "configs"
+    return {f.name.removesuffix(".yaml"): f.read_text(encoding="utf-8")
+            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")}
+
+
+def _config_text(path: str | Path) -> str:
+    """A config file's text; a path that is no file but names a shipped config (``tiny``, ``default.yaml``)
+    gives that one, so an installed fedguard runs its examples from any directory."""
+    p = Path(path)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    shipped = shipped_configs()
+    name = p.name.removesuffix(".yaml")
+    if len(p.parts) == 1 and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file not found: {p} (shipped configs, usable by name: {', '.join(shipped)}; "
+                      "`fedguard init DIR` writes them out)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        text = _config_text(p)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
         if loaded is None:
