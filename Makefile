@@ -38,7 +38,7 @@ run: setup
 	$(VENV)/bin/fedguard sweep configs/default.yaml
 
 test: setup
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -9,6 +9,41 @@ REPO = Path(__file__).resolve().parents[1]
 # Model conversions are cached once per checkout, shared by tests and `make run`.
 os.environ.setdefault("FEDGUARD_CACHE", str(REPO / ".cache" / "fedguard"))
 
+# `make test` runs the suite on two pytest-xdist workers. Each then computes on one thread (and so do the processes
+# its tests start, through the environment): two 2-thread jobs on 2 cores slow each other many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+
+# Files whose tests start servers, SuperNodes or Ray share one xdist group, so they never run beside each other
+# (port probes, Ray instances, round timeouts); every other file is a group of its own (module fixtures built once).
+# The longest groups are handed out first, so no worker is left with a long file at the end.
+PROCESS_HEAVY = {"test_deploy.py", "test_engines.py", "test_flower_secagg.py", "test_split_network.py",
+                 "test_split_grpc.py"}
+FIRST = ["processes", "test_smollm2.py"]
+
+
+def _group(item) -> str:
+    name = item.path.name
+    return "processes" if name in PROCESS_HEAVY else name
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # an xdist worker; a plain `pytest` keeps file order
+        return
+    order = {g: i for i, g in enumerate(FIRST)}
+    items.sort(key=lambda it: order.get(_group(it), len(FIRST)))  # stable: file order kept within a group
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_xdist_worker():
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_loaded():
