@@ -10,6 +10,8 @@ PYTHON  ?= python3
 # `make TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/torch`.
 export TORCH_FIND_LINKS ?= /opt/wheels
 export FEDGUARD_CACHE ?= $(CURDIR)/.cache/fedguard
+# Two xdist workers, one torch thread each (tests/conftest.py); `make test PYTEST_ARGS=` runs in one process.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 # uv ignores pip's machine-wide configuration; pip (which only bootstraps uv) is told to as well.
 # --compile-bytecode: every test subprocess, Ray worker and SuperNode imports torch and transformers; from
 # bytecode that is ~2.5x faster than from source (where PYTHONDONTWRITEBYTECODE is set, nothing caches it later).
@@ -38,10 +40,10 @@ run: setup
 	$(VENV)/bin/fedguard sweep configs/default.yaml
 
 test: setup
-	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The suite on the newest (test-latest) or oldest (test-oldest) releases pyproject.toml's ranges admit, in a venv
 # of its own, so a break shows up before a user meets it. Not in CI: it resolves at install time by design.

@@ -15,17 +15,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = "1"
 
-# Files whose tests start servers, SuperNodes or Ray share one xdist group, so they never run beside each other
-# (port probes, Ray instances, round timeouts); every other file is a group of its own (module fixtures built once).
-# The longest groups are handed out first, so no worker is left with a long file at the end.
-PROCESS_HEAVY = {"test_deploy.py", "test_engines.py", "test_flower_secagg.py", "test_split_network.py",
-                 "test_split_grpc.py"}
-FIRST = ["processes", "test_smollm2.py"]
+# Files whose tests start SuperLinks, SuperNodes or Ray share one xdist group, and so do the files that start split
+# servers, so none of them runs beside another of its kind (port probes, Ray instances, round timeouts); every other
+# file is a group of its own (module fixtures built once). The SmolLM2 probe test, the suite's longest, is a group of
+# its own, and the longest groups are handed out first, so no worker is left with a long one at the end.
+GROUPS = {"test_deploy.py": "flower", "test_engines.py": "flower", "test_flower_secagg.py": "flower",
+          "test_split_network.py": "split-servers", "test_split_grpc.py": "split-servers"}
+FIRST = ["smollm2-probe", "flower", "split-servers", "test_smollm2.py"]
 
 
 def _group(item) -> str:
     name = item.path.name
-    return "processes" if name in PROCESS_HEAVY else name
+    if name == "test_smollm2.py" and item.name.startswith("test_probe"):
+        return "smollm2-probe"
+    return GROUPS.get(name, name)
 
 
 def pytest_collection_modifyitems(config, items):
