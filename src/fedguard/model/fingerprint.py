@@ -90,7 +90,7 @@ def folder_fingerprint(path: str | Path, cache_dir: Path | None = None, trust_re
     from fedguard.model.loading import load_tokenizer
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return {"name": config._name_or_path or str(path),
+    return {"name": config.name_or_path or str(path),
             **model_fingerprint(config, load_tokenizer(str(path), trust_remote_code), str(path), cache_dir)}
 
 

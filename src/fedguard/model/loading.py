@@ -44,7 +44,7 @@ class LoadedModel:
             from fedguard.model.fingerprint import model_fingerprint
             from fedguard.model.registry import cache_root
 
-            self._fingerprint = {"name": self.model.config._name_or_path or self.path,
+            self._fingerprint = {"name": self.model.config.name_or_path or self.path,
                                  **model_fingerprint(self.model.config, self.tokenizer, self.path,
                                                      cache_root() / "fingerprints")}
         return self._fingerprint

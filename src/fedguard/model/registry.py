@@ -91,7 +91,7 @@ def _convert_gguf(gguf: Path, hub_id: str, out: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.config._name_or_path = hub_id
+    model.config.name_or_path = hub_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
 
