@@ -12,7 +12,10 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "tools"))
 import lockfile  # noqa: E402
 
-UV = Path(sys.executable).parent / "uv"
+# The project's own uv (make installs it from the lock); under `make test-latest/oldest` the suite runs in another
+# venv, but the lock it installs here is still the project's.
+UV = next((p for p in (REPO / ".venv" / "bin" / "uv", Path(sys.executable).parent / "uv") if p.exists()),
+          REPO / ".venv" / "bin" / "uv")
 
 
 def test_the_lock_is_made_from_this_pyproject():
