@@ -10,8 +10,8 @@ PYTHON  ?= python3
 # `make TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/torch`.
 export TORCH_FIND_LINKS ?= /opt/wheels
 export FEDGUARD_CACHE ?= $(CURDIR)/.cache/fedguard
-# Two xdist workers, one torch thread each (tests/conftest.py); `make test PYTEST_ARGS=` runs in one process.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# pytest runs on two xdist workers (pyproject.toml's addopts); `make test PYTEST_ARGS="-n 0"` runs in one process.
+PYTEST_ARGS ?=
 # uv ignores pip's machine-wide configuration; pip (which only bootstraps uv) is told to as well.
 # --compile-bytecode: every test subprocess, Ray worker and SuperNode imports torch and transformers; from
 # bytecode that is ~2.5x faster than from source (where PYTHONDONTWRITEBYTECODE is set, nothing caches it later).

@@ -33,7 +33,8 @@ def test_a_dependency_added_without_refreshing_the_lock_is_named_in_one_line(tmp
     assert lockfile.check(REPO / "requirements.lock", pyproject) is None
     # and make refuses before installing anything
     stale = tmp_path / "stale.lock"
-    stale.write_text((REPO / "requirements.lock").read_text().replace(lockfile.STAMP_PREFIX, lockfile.STAMP_PREFIX + "0"))
+    locked = (REPO / "requirements.lock").read_text()
+    stale.write_text(locked.replace(lockfile.STAMP_PREFIX, lockfile.STAMP_PREFIX + "0"))
     assert "out of date" in lockfile.check(stale)
 
 

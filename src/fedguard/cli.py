@@ -53,7 +53,7 @@ def _run_parsers(sub) -> None:
     run = sub.add_parser("run", help="run an experiment from a YAML config",
                          description="Run an experiment. Writes a run directory with the resolved config, "
                                      "per-round metrics (NDJSON), PEFT checkpoints, final metrics and a report.")
-    run.add_argument("config", help="experiment YAML, or a shipped config by name (tiny, default, ...: `fedguard init`)")
+    run.add_argument("config", help="experiment YAML, or a shipped config by name (tiny, default, ...)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field by its dotted name, e.g. --set train.lr=1e-4 (repeatable)")
     run.add_argument("--run-dir", type=Path, default=None, help="write here instead of OUTPUT_DIR/NAME-TIMESTAMP")

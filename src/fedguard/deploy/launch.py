@@ -1,4 +1,4 @@
-"""Start and stop the processes of a real Flower deployment (flwr 1.41) running fedguard's apps.
+"""Start and stop the processes of a real Flower deployment (flwr 1.41 and 1.42) running fedguard's apps.
 
 One SuperLink (TLS, SuperNode authentication, no runtime dependency installation) listens on one HTTPS port
 that carries the Fleet API (SuperNodes), the Control API (the ``flwr`` CLI) and the Runtime API (its own

@@ -1,4 +1,4 @@
-"""The Flower engine: a ServerApp and a ClientApp (Message API, flwr 1.41) around fedguard's own roles.
+"""The Flower engine: a ServerApp and a ClientApp (Message API, flwr 1.41 and 1.42) around fedguard's own roles.
 
 * ``client_app``: ``Client.run`` behind Flower's train handler (one node = one client);
 * ``server_app``: the embedded engine's run loop with Flower's Grid as its exchange (``FlowerClients``);

@@ -36,8 +36,9 @@ followed by padding). Everything else is rebuilt by each part locally:
   layers may write (a stray write to another layer raises) and whose lengths are read from the part's first
   layer, plus the 2-D padding mask of everything the part has seen (``cache.valid``), from which positions
   and masks of later chunks follow. It uses only the public cache API (``update``, ``get_seq_length``,
-  ``reset``, ``create_causal_mask(layer_idx=...)``): no layer classes of transformers' internals. So a decode step sends only ``[B, 1, H]`` between parts: no counts (a decode chunk is all real
-  tokens), no positions, no mask, no K/V. ``greedy_decode`` runs prefill and decode through the three parts
+  ``reset``, ``create_causal_mask(layer_idx=...)``): no layer classes of transformers' internals. So a decode
+  step sends only ``[B, 1, H]`` between parts: no counts (a decode chunk is all real tokens), no positions, no
+  mask, no K/V. ``greedy_decode`` runs prefill and decode through the three parts
   with three such caches; rows may be right-padded to different lengths (the pad slots stay in each cache,
   masked, so a padded batch decodes like each prompt alone, up to fp32 rounding of the longer reductions).
   Right padding (fedguard's convention) rather than FedSEA's left padding to a fixed length: with per-row
