@@ -9,8 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Model conversions are cached once per checkout, shared by tests and `make run`.
 os.environ.setdefault("FEDGUARD_CACHE", str(REPO / ".cache" / "fedguard"))
 
-# `make test` runs the suite on two pytest-xdist workers. Each then computes on one thread (and so do the processes
-# its tests start, through the environment): two 2-thread jobs on 2 cores slow each other many times over.
+# pytest runs on two xdist workers (addopts in pyproject.toml). Each then computes on one thread, and so do the
+# processes its tests start, through the environment: two 2-thread jobs on 2 cores slow each other many times over.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = "1"
@@ -32,7 +32,7 @@ def _group(item) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    if not hasattr(config, "workerinput"):  # an xdist worker; a plain `pytest` keeps file order
+    if not hasattr(config, "workerinput"):  # not an xdist worker (`-n 0`): file order
         return
     order = {g: i for i, g in enumerate(FIRST)}
     items.sort(key=lambda it: order.get(_group(it), len(FIRST)))  # stable: file order kept within a group
