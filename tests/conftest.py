@@ -14,6 +14,9 @@ os.environ.setdefault("FEDGUARD_CACHE", str(REPO / ".cache" / "fedguard"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 # Files whose tests start SuperLinks, SuperNodes or Ray share one xdist group, and so do the files that start split
 # servers, so none of them runs beside another of its kind (port probes, Ray instances, round timeouts); every other
@@ -39,13 +42,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread_per_xdist_worker():
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
-
-        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def test_the_wheel_installs_into_a_clean_venv_and_runs_a_shipped_config_by_name(
     (tmp_path / "deps.txt").write_text(locked)
     uv_pip = [UV, "pip", "--quiet"]
     subprocess.run([*uv_pip, "sync", "--offline", "--require-hashes", "--python", python, "--find-links",
-                    os.environ.get("TORCH_FIND_LINKS", "/opt/wheels"), tmp_path / "deps.txt"], check=True)
+                    lockfile.TORCH_FIND_LINKS, tmp_path / "deps.txt"], check=True)
     subprocess.run([*uv_pip, "install", "--offline", "--no-deps", "--python", python, wheel], check=True)
     check = subprocess.run([UV, "pip", "check", "--python", python], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr

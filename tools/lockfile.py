@@ -4,6 +4,7 @@ CPU wheel. `make run`, `make test` and CI install it and resolve nothing; pyproj
     python3 tools/lockfile.py check          # one line and exit 1 when pyproject.toml changed since the lock
     python3 tools/lockfile.py refresh        # re-resolve with uv (`make lock`)
     python3 tools/lockfile.py extract uv     # one pinned requirement with its hashes (pip bootstraps uv from it)
+    python3 tools/lockfile.py pinned torch   # the torch pin (or `no-deps`: the packages installed --no-deps)
 
 Standard library only: `check` runs before any virtualenv exists.
 """
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("refresh")
     ex = sub.add_parser("extract")
     ex.add_argument("name")
+    sub.add_parser("pinned").add_argument("which", choices=("torch", "no-deps"))
     args = parser.parse_args(argv)
     if args.cmd == "check":
         problem = check()
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "refresh":
         refresh()
+        return 0
+    if args.cmd == "pinned":
+        print(TORCH_PIN if args.which == "torch" else " ".join(NO_DEPS))
         return 0
     sys.stdout.write(extract(args.name))
     return 0

@@ -511,9 +511,6 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
         for step in range(1, s.steps + 1):
             records.append(metered_step(client, transport, stream, step))
             writer.append(records[-1])  # fsynced per step, as it happens
-        losses = [r["loss"] for r in records]
-        seconds = [r["seconds"] for r in records]
-        step_bytes = [sum(v["up"] + v["down"] for v in r["bytes"].values()) for r in records]
         evaluate("after")
         if s.evaluate:
             evals["evaluation"] = evaluate_and_log(cfg, loaded, client, writer, "after")
@@ -522,20 +519,9 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
             cfg, role, {name: client_file_note(client.id)}, role="client",
             server=transport.target, server_adapters="held by the split server (its run folder's "
                                                      "adapters/server.safetensors)"))
-        total = transport.bytes_of(client.id)
-        final = {
-            "mode": reply.get("mode"), "k_a": s.k_a, "k_c": s.k_c, "server_layers": list(role.seam.middle.layers),
-            "client": client.id, "partition": index, "examples": len(data), "server": transport.target,
-            "transport": "grpc, mutual TLS", "steps": s.steps, "client_steps": len(losses),
-            "noise": {"mode": s.noise.mode, "scale": s.noise.scale},
-            "grad_noise": {"clip": s.grad_noise.clip, "std": s.grad_noise.std},
-            "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, **evals,
-            "bytes": total, "bytes_total": sum(v["up"] + v["down"] for v in total.values()),
-            "bytes_per_step": sum(step_bytes) / len(step_bytes), "messages": transport.messages,
-            "seconds_per_step": sum(seconds) / len(seconds),
-            "resident_parameter_bytes": resident_parameter_bytes(role.peft_model),
-            "adapters": [name], "seconds": time.perf_counter() - t0,
-        }
+        final = {"mode": reply.get("mode"), "partition": index, "examples": len(data),
+                 **_remote_final_metrics(cfg, role, client, transport, records), **evals,
+                 "adapters": [name], "seconds": time.perf_counter() - t0}
         atomic_write_json(run_dir / FINAL_METRICS_FILE, final)
         log.info("split client %s finished: loss %.4f -> %.4f, %.2f s per step, %d bytes over the wire, %s",
                  client.id, final["loss_first"], final["loss_last"], final["seconds_per_step"], final["bytes_total"],
@@ -543,6 +529,27 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
         return SplitRun(run_dir, final)
     finally:
         run_log.close()
+
+
+def _remote_final_metrics(cfg: ExperimentConfig, role, client, transport, records: list[dict]) -> dict[str, Any]:
+    """What a remote client's final metrics say of its split, its steps' losses, bytes and times."""
+    s = cfg.split
+    losses = [r["loss"] for r in records]
+    seconds = [r["seconds"] for r in records]
+    step_bytes = [sum(v["up"] + v["down"] for v in r["bytes"].values()) for r in records]
+    total = transport.bytes_of(client.id)
+    return {
+        "k_a": s.k_a, "k_c": s.k_c, "server_layers": list(role.seam.middle.layers),
+        "client": client.id, "server": transport.target,
+        "transport": "grpc, mutual TLS", "steps": s.steps, "client_steps": len(losses),
+        "noise": {"mode": s.noise.mode, "scale": s.noise.scale},
+        "grad_noise": {"clip": s.grad_noise.clip, "std": s.grad_noise.std},
+        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+        "bytes": total, "bytes_total": sum(v["up"] + v["down"] for v in total.values()),
+        "bytes_per_step": sum(step_bytes) / len(step_bytes), "messages": transport.messages,
+        "seconds_per_step": sum(seconds) / len(seconds),
+        "resident_parameter_bytes": resident_parameter_bytes(role.peft_model),
+    }
 
 
 def generate_remote(cfg: ExperimentConfig, transport, client_id: str, prompts: Sequence[str], *,
