@@ -299,3 +299,35 @@ def test_run_report_carries_intervals_and_the_paired_test(audit_run):
     assert final["before"]["harmful_n"] == 4 and 0 <= final["refusal_change_p"] <= 1
     text = (result.run_dir / "report.md").read_text()
     assert "95 % Wilson intervals" in text and "McNemar" in text
+
+
+def test_tau_is_calibrated_per_level_on_calibration_only_clients(tmp_path):
+    """Each level's tau is the conformal quantile of the statistic it reads, over benign clients the probe was never
+    fit on: the client level a training's last step, the shadow level the highest of its first shadow steps."""
+    import numpy as np
+
+    from fedguard.defenses.build import conformal_threshold, per_training
+    from fedguard.defenses.defense import ProbeDefense
+    from fedguard.defenses.probe import LoRAProbe
+
+    cfg = _probe_cfg(tmp_path, calibration_clients=20, transfer_checks=False)
+    probe = _build(cfg, tmp_path)
+    th, m = probe.thresholds, probe.metrics
+    assert set(th) == {"step", "client", "shadow"} and th["step"] == probe.threshold
+    assert m["calibration"].startswith("conformal at FPR 0.05 on 20 calibration-only")
+    assert {"client_level", "shadow_level"} <= set(m)
+    reloaded = LoRAProbe.load(tmp_path / "probe")
+    assert reloaded.thresholds == th and reloaded.threshold_for("evidence") == th["shadow"]
+    for level in ("step", "client", "shadow"):
+        d = ProbeDefense(cfg.defense.model_copy(update={"level": level}), reloaded, {}, 3, 4, 1e-2)
+        assert d.threshold == th[level]
+    # the statistics: last step, and the max over the first k steps, one per (client, training)
+    from fedguard.defenses.build import ProbeDataset
+
+    ds = ProbeDataset([None] * 6, np.zeros(6, int), np.array([0, 0, 0, 1, 1, 1]), np.array([1, 2, 3] * 2),
+                      np.full(6, -1), np.full(6, -1), np.zeros(6, bool))
+    prob = np.array([0.9, 0.1, 0.2, 0.3, 0.4, 0.5], dtype=np.float32)
+    mask = np.ones(6, bool)
+    assert per_training(ds, prob, mask, None)[0].tolist() == pytest.approx([0.2, 0.5])
+    assert per_training(ds, prob, mask, 2)[0].tolist() == pytest.approx([0.9, 0.4])
+    assert conformal_threshold(np.array([0.2, 0.5], np.float32), 0.4) > 0.5

@@ -619,14 +619,14 @@ def _align(cfg) -> int:
     path = ensure_aligned(cfg.model)
     report = json.loads((path / REPORT_FILE).read_text(encoding="utf-8"))
     print(f"aligned model: {path}")
-    print(f"{'set':<28} {'base':>8} {'aligned':>8}   (n)")
+    stages = [s for s in ("base", "supervised", "aligned") if s in report]  # supervised: before a preference phase
+    print(f"{'set':<28} " + " ".join(f"{s:>10}" for s in stages) + "   (n)")
     for name, base in report["base"].items():
-        aligned = report["aligned"][name]
         if isinstance(base, dict):
             key = "rate" if "rate" in base else "refusal_rate"
-            print(f"{name:<28} {base[key]:>7.1f}% {aligned[key]:>7.1f}%   ({base['n']})")
+            print(f"{name:<28} " + " ".join(f"{report[s][name][key]:>9.1f}%" for s in stages) + f"   ({base['n']})")
         else:
-            print(f"{name:<28} {base:>8.4f} {aligned:>8.4f}")
+            print(f"{name:<28} " + " ".join(f"{report[s][name]:>10.4f}" for s in stages))
     return 0
 
 
@@ -644,6 +644,11 @@ def _probe_build(cfg, out: Path | None, compare: bool) -> int:
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"probe: {path}")
     print(f"threshold tau {probe.threshold:.4f} ({m.get('calibration', 'fixed')})")
+    for level in ("client", "shadow"):
+        if f"{level}_level" in m:
+            r = m[f"{level}_level"]
+            print(f"  {level} level: tau {probe.threshold_for(level):.4f}; held-out clients TPR {f(r['recall'])}, "
+                  f"FPR {f(r['fpr'])} ({r['tp'] + r['fn']} malicious, {r['fp'] + r['tn']} benign trainings)")
     print(f"unseen clients ({m['samples']['heldout']} step samples): AUROC {f(m['auroc'])}, TPR {f(m['recall'])}, "
           f"FPR {f(m['fpr'])} at tau; precision {f(m['precision'])}; benign-client FPR {f(m['benign_client_fpr'])}")
     for name, label in (("leave_categories_out", "unseen harm categories"), ("leave_styles_out", "unseen response styles")):

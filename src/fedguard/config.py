@@ -45,6 +45,14 @@ class AlignConfig(_Section):
     max_length: int = Field(default=256, ge=16)
     seed: int = 0
     eval_prompts: int = Field(default=96, ge=1, description="prompts per evaluation set in the alignment report")
+    # A preference phase after the supervised one (fedguard.alignment.preference): DPO with refusal preferred to
+    # compliance on harmful requests and the answer preferred to a refusal on benign look-alikes.
+    preference_steps: int = Field(default=0, ge=0, description="DPO steps after the supervised phase (0: none)")
+    preference_batch_size: int = Field(default=8, ge=1, description="preference pairs per DPO step")
+    preference_lr: float = Field(default=1e-4, gt=0)
+    preference_beta: float = Field(default=0.1, gt=0, description="DPO's beta (the reward scale)")
+    preference_sft_weight: float = Field(default=1.0, ge=0,
+                                         description="weight of the chosen answers' NLL beside the DPO loss (RPO)")
 
 
 class ModelConfig(_Section):
@@ -239,6 +247,22 @@ class LasaConfig(_Section):
     lambda_s: float = Field(default=1.0, gt=0, description="per-layer sign screen bound on the MZ-score")
 
 
+class RealignConfig(_Section):
+    """Server-side realignment (fedguard.defenses.realign): after each round's aggregation the server takes a few
+    optimizer steps on its own safety data (harmful requests answered with refusals, benign look-alikes answered
+    helpfully), so honest fine-tuning does not wear the aligned start's refusals away. Off with steps 0."""
+
+    steps: int = Field(default=0, ge=0, description="server-side alignment steps on the aggregate per round (0: off)")
+    lr: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    refusal_examples: int = Field(default=128, ge=1, description="the server's harmful-request -> refusal pairs")
+    lookalike_examples: int = Field(default=128, ge=0,
+                                    description="the server's benign look-alikes with answers (against over-refusal)")
+    refusal_source: str = "builtin:harmful-refusal"
+    benign_source: str = "builtin:benign"
+    seed: int = 0
+
+
 class ServerConfig(_Section):
     aggregator: AggregatorName = "fedavg"
     max_update_mb: float = Field(default=64.0, gt=0, description="updates larger than this are rejected")
@@ -262,6 +286,7 @@ class ServerConfig(_Section):
     dnc: DnCConfig = Field(default_factory=DnCConfig)
     residual: ResidualConfig = Field(default_factory=ResidualConfig)
     lasa: LasaConfig = Field(default_factory=LasaConfig)
+    realign: RealignConfig = Field(default_factory=RealignConfig)
 
 
 CompressionKind = Literal["none", "fp16", "bf16", "int8", "int8_block", "topk"]
@@ -428,6 +453,11 @@ class ProbeBuildConfig(_Section):
     rounds: int = Field(default=2, ge=1, description="independent local trainings per probe client")
     examples_per_client: int = Field(default=80, ge=4)
     holdout_share: float = Field(default=0.25, gt=0, lt=1, description="share of probe clients held out")
+    # tau per level is calibrated on the statistic that level reads (a round's last step for the client level, the
+    # highest of the shadow steps for shadow / evidence), one value per client and round; a conformal quantile
+    # at FPR 0.05 needs >= 19 of them. These benign clients (partitioned like the others) are never fit on.
+    calibration_clients: int = Field(default=24, ge=0,
+                                     description="extra held-out benign probe clients used only to calibrate tau")
     # Features are unit vectors, so a strongly regularised fit cannot reach confident probabilities
     # and nothing crosses tau = 0.8; C = 100 lets it (measured on the tiny and SmolLM2 models).
     regularisation: float = Field(default=100.0, gt=0, description="C of the logistic regression")
@@ -723,6 +753,9 @@ class ExperimentConfig(_Section):
             if self.communication.compression != "none":
                 raise ValueError(f"lora.variant 'flora' needs communication.compression 'none' "
                                  f"(got '{self.communication.compression}')")
+            if self.server.realign.steps:
+                raise ValueError("server.realign does not work with lora.variant 'flora' (clients merge the server's "
+                                 "stacked update into their base weights; there is no global adapter to realign)")
         if self.privacy.client_dp != "none":
             self._check_dp()
         if self.privacy.secure_aggregation != "none":

@@ -50,13 +50,41 @@ def lora_aggregation(cfg: ExperimentConfig) -> str:
     return "flora" if cfg.lora.variant == "flora" else cfg.server.lora_aggregation
 
 
-def build_server(cfg: ExperimentConfig, defense=None) -> FederatedServer:
+def build_server(cfg: ExperimentConfig, defense=None, realign=None) -> FederatedServer:
     plan = RoundPlan.from_config(cfg)
     return FederatedServer(build_aggregator(cfg.server, cfg.seed), int(cfg.server.max_update_mb * 2**20), defense,
                            wire=WireSpec.from_config(cfg), lora_aggregation=lora_aggregation(cfg),
                            lora_alpha=cfg.lora.alpha, seed=cfg.seed, plan=plan,
                            max_abs_value=cfg.server.max_abs_value, privacy=build_privacy(cfg, plan),
-                           secure_clip=cfg.privacy.clip if cfg.privacy.secure_aggregation != "none" else None)
+                           secure_clip=cfg.privacy.clip if cfg.privacy.secure_aggregation != "none" else None,
+                           realign=realign)
+
+
+def build_realign(cfg: ExperimentConfig, resident: Resident):
+    """Server-side realignment on the server's own safety data (``server.realign``); None when off. Its data is
+    the defender's probe split of its sources, like the behaviour audit's, drawn with another seed."""
+    from fedguard.data.federation import ClientData, DataTokenizer, sample_examples
+    from fedguard.data.readers import load_source
+    from fedguard.defenses.realign import ServerRealignment
+
+    r = cfg.server.realign
+    if not r.steps:
+        return None
+    seed = cfg.seed + r.seed + 11_000_027
+    rng = numpy_rng(seed, "realign-data")
+    refusals = sample_examples(load_source(r.refusal_source, "probe", r.refusal_examples, seed), r.refusal_examples,
+                               rng, "server.realign.refusal_source")
+    lookalikes = []
+    if r.lookalike_examples:
+        pool = [e for e in load_source(r.benign_source, "probe", 4 * r.lookalike_examples, seed)
+                if e.domain == "safety_adjacent" or not r.benign_source.startswith("builtin:")]
+        lookalikes = sample_examples(pool, r.lookalike_examples, rng, "server.realign.benign_source")
+    tok = DataTokenizer(resident.loaded.tokenizer, cfg)
+    examples = tok(refusals + lookalikes)
+    log.info("server realignment: %d steps of batch %d per round on %d refusal and %d look-alike examples",
+             r.steps, r.batch_size, len(refusals), len(lookalikes))
+    data = ClientData(-1, examples, {"refusal": len(refusals), "lookalike": len(lookalikes)})
+    return ServerRealignment(r, resident.trainer, data, cfg.seed, train_lora_a=not WireSpec.from_config(cfg).lora_b_only)
 
 
 def build_privacy(cfg: ExperimentConfig, plan: RoundPlan):

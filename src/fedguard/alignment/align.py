@@ -37,8 +37,14 @@ def aligned_model_dir(cfg: ModelConfig, fingerprint: dict[str, Any]) -> Path:
     from fedguard.model.registry import cache_root
 
     # the data by content too: a changed built-in corpus is another aligned model, never a stale cache hit
-    key = json.dumps({"base": {k: v for k, v in fingerprint.items() if k != "name"},
-                      "align": cfg.align.model_dump(), "data": _examples_hash(_alignment_examples(cfg))},
+    align = cfg.align.model_dump()
+    data = _examples_hash(_alignment_examples(cfg))
+    if cfg.align.preference_steps:
+        refusals, compliances, lookalikes = _preference_examples(cfg)
+        data += _examples_hash(refusals + compliances + lookalikes)
+    else:  # without a preference phase its settings change nothing: the supervised-only model keeps its key
+        align = {k: v for k, v in align.items() if not k.startswith("preference_")}
+    key = json.dumps({"base": {k: v for k, v in fingerprint.items() if k != "name"}, "align": align, "data": data},
                      sort_keys=True)
     name = Path(str(cfg.name_or_path)).name
     return cache_root() / "models" / f"{name}-aligned-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -57,7 +63,10 @@ def ensure_aligned(cfg: ModelConfig) -> Path:
         return out
     with file_lock(out.parent.parent / "locks" / f"{out.name}.lock"):
         if not (out / "config.json").is_file():
-            build_aligned(cfg, load_base_model(cfg.model_copy(update={"aligned": False})), out)
+            if cfg.align.preference_steps:  # on top of the supervised stage, built (and cached) first
+                build_preferred(cfg, load_base_model(supervised_only(cfg).model_copy(update={"aligned": True})), out)
+            else:
+                build_aligned(cfg, load_base_model(cfg.model_copy(update={"aligned": False})), out)
     return out
 
 
@@ -68,11 +77,9 @@ def _examples_hash(examples) -> str:
     return h.hexdigest()[:16]
 
 
-def _alignment_examples(cfg: ModelConfig) -> list:
-    """The alignment mix, in training order: refusal pairs (held-out categories excluded) and benign data of
-    which ``lookalike_share`` is safety-adjacent."""
+def _alignment_parts(cfg: ModelConfig) -> tuple[list, list, list]:
+    """(refusal pairs without the held-out categories, benign look-alikes, other benign data)."""
     from fedguard.data.readers import load_source
-    from fedguard.seeding import numpy_rng
 
     a = cfg.align
     n_ref = int(round(a.examples * a.refusal_share))
@@ -83,8 +90,31 @@ def _alignment_examples(cfg: ModelConfig) -> list:
     n_look = int(round(n_benign * a.lookalike_share))
     pool = load_source("builtin:benign", "train", 4 * n_benign, a.seed)
     lookalike = [e for e in pool if e.domain == "safety_adjacent"][:n_look]
-    benign = lookalike + [e for e in pool if e.domain != "safety_adjacent"][: n_benign - len(lookalike)]
-    mixed = refusals + benign
+    other = [e for e in pool if e.domain != "safety_adjacent"][: n_benign - len(lookalike)]
+    return refusals, lookalike, other
+
+
+def _preference_examples(cfg: ModelConfig) -> tuple[list, list, list]:
+    """The preference phase's sources: the supervised phase's refusal pairs and look-alikes (as many look-alikes
+    as refusals, so both sides of the margin weigh the same), and compliance answers to the same harmful tasks
+    (the rejected side of harmful requests; held-out categories excluded as everywhere in alignment)."""
+    from fedguard.data.readers import load_source
+
+    refusals, lookalike, _ = _alignment_parts(cfg)
+    held = set(cfg.align.holdout_categories)
+    compliances = [e for e in load_source("builtin:harmful-compliance", "train", 4 * len(refusals), cfg.align.seed)
+                   if e.domain not in held]
+    return refusals, compliances, lookalike[: len(refusals)]
+
+
+def _alignment_examples(cfg: ModelConfig) -> list:
+    """The alignment mix, in training order: refusal pairs (held-out categories excluded) and benign data of
+    which ``lookalike_share`` is safety-adjacent."""
+    from fedguard.seeding import numpy_rng
+
+    a = cfg.align
+    refusals, lookalike, other = _alignment_parts(cfg)
+    mixed = refusals + lookalike + other
     order = numpy_rng(a.seed, "align-order").permutation(len(mixed))
     return [mixed[i] for i in order]
 
@@ -134,7 +164,7 @@ def evaluate_alignment(loaded, model, slot, loss_fn, adapter, sets: dict[str, li
             out[name] = {"rate": 100.0 * sum(hits) / len(hits), "n": len(hits)}
             continue
         responses = generate_batched(loaded, model, prompts, 40, 16)
-        refused = [is_refusal(r) for r in responses]
+        refused = [is_refusal(r, e.prompt_text) for e, r in zip(examples, responses)]  # as runs score them
         out[name] = {"refusal_rate": 100.0 * sum(refused) / len(refused), "n": len(refused),
                      "samples": [{"prompt": e.prompt_text, "response": r} for e, r in zip(examples, responses)][:4]}
     if loss_examples:
@@ -193,7 +223,6 @@ def build_aligned(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
     update = trainer.train(theta0, rc, data, on_step=lambda s, l: log.info("align step %d/%d: loss %.4f", s, a.steps, l)
                            if s % 20 == 0 else None)
     train_seconds = time.perf_counter() - t0
-
     sets = _eval_sets(cfg)
     tok = DataTokenizer(loaded.tokenizer, ExperimentConfig(data={"max_length": a.max_length}))
     loss_examples = tok(load_source("builtin:benign", "eval", 64, a.seed + 1_000_003))
@@ -207,11 +236,17 @@ def build_aligned(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
         "precision": str(loaded.compute_dtype).removeprefix("torch."),
     }
     merged = _merge_into_base(Path(loaded.path), update.tensors, lora_scaling(a.alpha, a.r))
+    return _publish(Path(loaded.path), merged, report, out, t0)
+
+
+def _publish(source: Path, merged: dict[str, torch.Tensor], report: dict[str, Any], out: Path, t0: float) -> dict:
+    """Write the merged weights, the source folder's other files and the report to ``out``, atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for f in Path(loaded.path).iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+        for f in source.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json") \
+                    and f.name != REPORT_FILE:
                 shutil.copy2(f, staging / f.name)
         save_tensors(staging / "model.safetensors", merged, metadata={"format": "pt"})
         report["seconds"] = time.perf_counter() - t0
@@ -222,3 +257,53 @@ def build_aligned(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
         raise
     log.info("aligned model: %s (%.0f s)", out, report["seconds"])
     return report
+
+
+def supervised_only(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` without the preference phase: the supervised stage it builds on (cached on its own)."""
+    return cfg.model_copy(update={"align": cfg.align.model_copy(update={"preference_steps": 0})})
+
+
+def build_preferred(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
+    """The preference phase on top of the supervised aligned model ``loaded`` (its folder holds that stage's
+    report): a fresh LoRA trained with DPO against the supervised model itself as reference, merged into it."""
+    from fedguard.alignment.preference import build_pairs, train_preference
+    from fedguard.config import ExperimentConfig
+    from fedguard.data.federation import DataTokenizer
+    from fedguard.data.readers import load_source
+    from fedguard.federated.client import LocalTrainer
+    from fedguard.federated.lora_exact import lora_scaling
+    from fedguard.model.lora import attach_lora
+
+    a = cfg.align
+    t0 = time.perf_counter()
+    supervised = json.loads((Path(loaded.path) / REPORT_FILE).read_text(encoding="utf-8"))
+    settings = LoraSettings(r=a.r, alpha=a.alpha, dropout=0.05, target_modules=list(a.target_modules),
+                            init_seed=a.seed + 1)
+    peft_model, slot = attach_lora(loaded.model, settings)
+    theta0 = slot.read()  # B = 0: exactly the supervised model, DPO's reference
+    trainer = LocalTrainer(loaded, peft_model, slot)
+    refusals, compliances, lookalikes = _preference_examples(cfg)
+    pairs = build_pairs(refusals, compliances, lookalikes, loaded.tokenizer, a.max_length, a.seed)
+    log.info("preference phase on %s: %d DPO steps of %d pairs", loaded.path, a.preference_steps,
+             a.preference_batch_size)
+    adapter, metrics = train_preference(
+        trainer, theta0, pairs, steps=a.preference_steps, batch_size=a.preference_batch_size, lr=a.preference_lr,
+        beta=a.preference_beta, sft_weight=a.preference_sft_weight, seed=a.seed,
+        on_step=lambda s, m: log.info("preference step %d/%d: DPO loss %.4f, reward accuracy %.2f", s,
+                                      a.preference_steps, m["loss"], m["accuracy"]) if s % 10 == 0 else None)
+    metrics["seconds"] = time.perf_counter() - t0
+    tok = DataTokenizer(loaded.tokenizer, ExperimentConfig(data={"max_length": a.max_length}))
+    loss_examples = tok(load_source("builtin:benign", "eval", 64, a.seed + 1_000_003))
+    log.info("evaluating the supervised and the preference-aligned model")
+    sets = _eval_sets(cfg)
+    report = {
+        # the supervised model (B = 0) scored again here, so both columns use this code's judge
+        "base": supervised["base"],
+        "supervised": evaluate_alignment(loaded, peft_model, slot, trainer.loss, theta0, sets, loss_examples),
+        "aligned": evaluate_alignment(loaded, peft_model, slot, trainer.loss, adapter, sets, loss_examples),
+        "train": {**supervised["train"], "preference": metrics},
+        "config": a.model_dump(), "base_model": supervised["base_model"], "precision": supervised["precision"],
+    }
+    merged = _merge_into_base(Path(loaded.path), adapter, lora_scaling(a.alpha, a.r))
+    return _publish(Path(loaded.path), merged, report, out, t0)

@@ -54,6 +54,7 @@ class ProbeClient:
     category_fold: int = -1  # malicious clients: which fold of harm categories their data come from
     style_fold: int = -1
     transfer: bool = False  # trained on probe.transfer_source (never used for fitting)
+    calibration: bool = False  # a benign client only for calibrating tau (never used for fitting)
 
 
 @dataclass
@@ -65,6 +66,15 @@ class ProbeDataset:
     category_fold: np.ndarray
     style_fold: np.ndarray
     transfer: np.ndarray  # bool
+    calibration: np.ndarray | None = None  # bool: calibration-only benign clients
+    rounds: np.ndarray | None = None  # which of the client's independent local trainings (1-based)
+
+    def __post_init__(self):
+        n = len(self.labels)
+        if self.calibration is None:
+            self.calibration = np.zeros(n, dtype=bool)
+        if self.rounds is None:
+            self.rounds = np.ones(n, dtype=int)
 
 
 def probe_compat(cfg: ExperimentConfig, loaded, shapes) -> dict[str, Any]:
@@ -173,6 +183,13 @@ def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[ProbeClient]:
         n_transfer = max(2, k // 4)
         for i, (own, _, _) in enumerate(_harmful_pools(pool, n_transfer, per, seed + 1)):
             clients.append(ProbeClient(ClientData(2 * k + i, tok(own)), 1, transfer=True))
+    if p.calibration_clients:  # more heterogeneous honest clients, for tau only (their own seeded pool)
+        first = max(c.data.client_id for c in clients) + 1
+        pool = load_source(p.benign_source, "probe", p.calibration_clients * per, seed + 13)
+        refs = load_source(REFUSAL_SOURCE, "probe", p.calibration_clients * max(n_ref, 1), seed + 13) if n_ref else []
+        for i, own in enumerate(_benign_parts(cfg, pool, p.calibration_clients, per - n_ref, seed + 13)):
+            own = list(own) + list(refs[i * n_ref: (i + 1) * n_ref])
+            clients.append(ProbeClient(ClientData(first + i, tok(own)), 0, calibration=True))
     empty = [c.data.client_id for c in clients if not c.data.examples]
     if empty:
         raise ValueError(f"probe clients {empty} have no usable examples (probe sources too small?)")
@@ -181,7 +198,7 @@ def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[ProbeClient]:
 
 def collect_probe_data(cfg: ExperimentConfig, loaded, trainer, theta0, on_client=None) -> ProbeDataset:
     keys = tuple(sorted(theta0))
-    snaps, labels, clients, steps, cfold, sfold, transfer = [], [], [], [], [], [], []
+    snaps, labels, clients, steps, cfold, sfold, transfer, calib, rounds = [], [], [], [], [], [], [], [], []
     lr = cfg.defense.shadow_lr or cfg.train.lr
     for pc in _probe_clients(cfg, loaded.tokenizer):
         for rnd in range(1, cfg.probe.rounds + 1):
@@ -199,10 +216,13 @@ def collect_probe_data(cfg: ExperimentConfig, loaded, trainer, theta0, on_client
                 cfold.append(pc.category_fold)
                 sfold.append(pc.style_fold)
                 transfer.append(pc.transfer)
+                calib.append(pc.calibration)
+                rounds.append(rnd)
         if on_client is not None:
             on_client(pc.data.client_id, pc.label)
     return ProbeDataset(snaps, np.array(labels), np.array(clients), np.array(steps), np.array(cfold),
-                        np.array(sfold), np.array(transfer, dtype=bool))
+                        np.array(sfold), np.array(transfer, dtype=bool), np.array(calib, dtype=bool),
+                        np.array(rounds, dtype=int))
 
 
 def _features(spec: FeatureSpec, snaps) -> np.ndarray:
@@ -214,7 +234,7 @@ def _split_clients(ds: ProbeDataset, share: float, seed: int) -> np.ndarray:
     rng = numpy_rng(seed, "probe-holdout")
     held = set()
     for label in (0, 1):
-        ids = sorted(set(ds.clients[(ds.labels == label) & ~ds.transfer].tolist()))
+        ids = sorted(set(ds.clients[(ds.labels == label) & ~ds.transfer & ~ds.calibration].tolist()))
         k = max(1, int(round(share * len(ids))))
         held.update(rng.choice(ids, size=k, replace=False).tolist())
     return np.isin(ds.clients, sorted(held))
@@ -265,7 +285,7 @@ def transfer_checks(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds:
                     held: np.ndarray) -> dict[str, Any]:
     """Leave-categories-out and leave-styles-out: a probe fit without one fold of malicious clients, calibrated on
     the held-out benign clients, scored on that fold's clients (all of them, never seen) and the held-out benign."""
-    base = ~ds.transfer
+    base = ~ds.transfer & ~ds.calibration
     benign_train, benign_held = base & ~held & (ds.labels == 0), base & held & (ds.labels == 0)
     out: dict[str, Any] = {}
     for name, fold in (("leave_categories_out", ds.category_fold), ("leave_styles_out", ds.style_fold)):
@@ -278,7 +298,8 @@ def transfer_checks(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds:
             unseen = base & (ds.labels == 1) & (fold == f)
             seen = base & (ds.labels == 1) & (fold != f) & ~held
             if seen.any() and benign_train.any():  # too few probe clients leave a fold with nothing to fit
-                per_fold.append(_check(cfg, spec, x, ds, benign_train | seen, benign_held, benign_held | unseen))
+                per_fold.append(_check(cfg, spec, x, ds, benign_train | seen, _calibration_pool(ds, held),
+                                       benign_held | unseen))
         out[name] = {"folds": per_fold, **_pooled(per_fold)} if per_fold else None
     return out
 
@@ -293,34 +314,70 @@ def _pooled(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_selections(cfg: ExperimentConfig, ds: ProbeDataset, shapes, selections=SELECTIONS) -> dict[str, dict]:
     """Held-out detection quality of each feature selection on the same snapshots."""
     held = _split_clients(ds, cfg.probe.holdout_share, cfg.seed)
-    base = ~ds.transfer
+    base = ~ds.transfer & ~ds.calibration
     out = {}
     for sel in selections:
         spec = FeatureSpec.build(shapes, sel, cfg.probe.projection_dim, cfg.seed)
         x = _features(spec, ds.snapshots)
-        r = _check(cfg, spec, x, ds, base & ~held, base & held, base & held)
+        r = _check(cfg, spec, x, ds, base & ~held, _calibration_pool(ds, held), base & held)
         out[sel] = {"dim": spec.dim, **r}
     return out
+
+
+def _calibration_pool(ds: ProbeDataset, held: np.ndarray) -> np.ndarray:
+    """The benign samples tau is calibrated on: the calibration-only clients where there are any (then the held-out
+    benign clients stay a test of the calibrated FPR), else the held-out benign clients."""
+    if ds.calibration.any():
+        return ds.calibration & (ds.labels == 0)
+    return ~ds.transfer & held & (ds.labels == 0)
+
+
+def per_training(ds: ProbeDataset, prob: np.ndarray, mask: np.ndarray, upto: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One score per (client, local training) inside ``mask``: the last step's (``upto`` None: what the client
+    level reads) or the highest of steps 1..upto (what makes the shadow level flag); and its label."""
+    scores, labels = [], []
+    for c, r in sorted({(int(c), int(r)) for c, r in zip(ds.clients[mask], ds.rounds[mask])}):
+        sel = mask & (ds.clients == c) & (ds.rounds == r)
+        steps = ds.steps[sel]
+        if upto is None:
+            scores.append(float(prob[sel][steps == steps.max()][0]))
+        else:
+            scores.append(float(prob[sel][steps <= upto].max()))
+        labels.append(int(ds.labels[sel][0]))
+    return np.array(scores, dtype=np.float32), np.array(labels)
 
 
 def train_probe(cfg: ExperimentConfig, ds: ProbeDataset, shapes, compat: dict[str, Any]) -> LoRAProbe:
     spec = FeatureSpec.build(shapes, cfg.probe.selection, cfg.probe.projection_dim, cfg.seed)
     x = _features(spec, ds.snapshots)
     held = _split_clients(ds, cfg.probe.holdout_share, cfg.seed)
-    base = ~ds.transfer
+    base = ~ds.transfer & ~ds.calibration
     fit_mask = base & ~held
     params = _fit(cfg, x[fit_mask], ds.labels[fit_mask])
     probe = LoRAProbe(spec, cfg.probe.classifier, params, 0.5, compat)
     prob = probe.probabilities(torch.tensor(x))
-    # τ from the held-out benign clients' scores; the artifact keeps the probe fit without them, so the
-    # calibration stays out of sample for every benign client the federation will have.
-    probe.threshold = tau = _threshold(cfg, prob[base & held & (ds.labels == 0)])
+    # τ from benign clients the probe was not fit on, per level on the statistic that level reads: every step
+    # (step level), a training's last step (client level), the highest of its first shadow steps (shadow and
+    # evidence levels: one flagged step nearly zeroes a client). The artifact keeps the probe fit without them.
+    pool = _calibration_pool(ds, held)
+    shadow_steps = cfg.defense.shadow_steps or cfg.train.local_steps
+    probe.threshold = tau = _threshold(cfg, prob[pool])
+    probe.thresholds = {"step": tau, "client": _threshold(cfg, per_training(ds, prob, pool, None)[0]),
+                        "shadow": _threshold(cfg, per_training(ds, prob, pool, shadow_steps)[0])}
     test = base & held
     metrics = detection_metrics(ds.labels[test], prob[test], tau)
     metrics["threshold"] = tau
-    metrics["calibration"] = (f"conformal at FPR {cfg.probe.target_fpr} on held-out benign probe clients"
+    metrics["thresholds"] = dict(probe.thresholds)
+    calibrated_on = (f"{int(ds.calibration.any() and len(set(ds.clients[ds.calibration].tolist())))} calibration-only"
+                     if ds.calibration.any() else "held-out") + " benign probe clients"
+    metrics["calibration"] = (f"conformal at FPR {cfg.probe.target_fpr} on {calibrated_on}"
                               if cfg.probe.calibration == "conformal" and cfg.defense.threshold is None
                               else "fixed")
+    # Detection as each level sees it, on held-out clients (benign ones out of sample when calibration clients
+    # exist): one verdict per client and local training.
+    for level, upto in (("client", None), ("shadow", shadow_steps)):
+        scores, labels = per_training(ds, prob, test, upto)
+        metrics[f"{level}_level"] = detection_metrics(labels, scores, probe.thresholds[level])
     last = test & (ds.steps == ds.steps.max())
     metrics["last_step"] = detection_metrics(ds.labels[last], prob[last], tau)
     # Detection at each local step: how many shadow steps a cheaper shadow level needs.

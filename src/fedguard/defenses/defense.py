@@ -71,8 +71,9 @@ class ProbeDefense:
         self.local_steps, self.samples_per_step = local_steps, samples_per_step
         self.shadow_steps = cfg.shadow_steps or local_steps
         self.shadow_lr = cfg.shadow_lr or lr
-        # tau: the config's, else the probe's own (calibrated on the defender's held-out benign clients)
-        self.threshold = tau = cfg.threshold if cfg.threshold is not None else probe.threshold
+        # tau: the config's, else the probe's own for this level (calibrated on the defender's held-out benign
+        # clients, on the statistic the level reads)
+        self.threshold = tau = cfg.threshold if cfg.threshold is not None else probe.threshold_for(self.level)
         self.step_level = StepLevel(cfg.decay, cfg.prefilter_round)
         self.client_level = ClientLevel(knee=tau, slope=cfg.slope, prefilter_round=cfg.prefilter_round)
         self.evidence_level = EvidenceLevel(cfg.eta, tau, cfg.evidence_min, cfg.audit_interval, cfg.reaudit_malicious)

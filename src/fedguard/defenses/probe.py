@@ -69,6 +69,13 @@ class LoRAProbe:
     threshold: float
     compat: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    # tau per defense level ("step", "client", "shadow"), calibrated on the statistic each reads; ``threshold``
+    # (the step level's) where a level has none (artifacts built before per-level calibration)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    def threshold_for(self, level: str) -> float:
+        key = "shadow" if level == "evidence" else level
+        return float(self.thresholds.get(key, self.threshold))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         x = features.to(torch.float32)
@@ -93,6 +100,7 @@ class LoRAProbe:
             save_tensors(staging / "probe.safetensors", self.tensors)
             atomic_write_json(staging / "probe.json", {
                 "artifact_version": ARTIFACT_VERSION, "kind": self.kind, "threshold": self.threshold,
+                "thresholds": self.thresholds,
                 "features": self.spec.to_json(), "compat": self.compat, "metrics": self.metrics,
             })
             publish_dir(staging, out_dir)
@@ -117,7 +125,8 @@ class LoRAProbe:
             if diffs:
                 raise ProbeMismatch(f"probe {path} does not match this run:\n  " + "\n  ".join(diffs))
         probe = cls(FeatureSpec.from_json(meta["features"]), meta["kind"], load_tensors(path / "probe.safetensors"),
-                    float(meta["threshold"]), meta["compat"], meta.get("metrics", {}))
+                    float(meta["threshold"]), meta["compat"], meta.get("metrics", {}),
+                    {k: float(v) for k, v in meta.get("thresholds", {}).items()})
         expected_in = probe.spec.dim
         got_in = probe.tensors["weight" if probe.kind == "logistic" else "w1"].shape[0]
         if got_in != expected_in:

@@ -137,7 +137,7 @@ class Evaluator:
         for key, name, examples in (("overrefusal_rate", "overrefusal", self.data.overrefusal_prompts),
                                     ("refusal_rate_triggered", "triggered", self.data.triggered_prompts)):
             if responses := out[name]:
-                refusals = [is_refusal(r) for r in responses]
+                refusals = [is_refusal(r, e.prompt_text) for e, r in zip(examples, responses)]
                 result[key] = 100.0 * sum(refusals) / len(refusals)
                 result[key.replace("_rate", "") + "_n"] = len(refusals)
                 result[key.replace("_rate", "") + "_samples"] = [

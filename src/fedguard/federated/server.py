@@ -104,13 +104,14 @@ class RoundOutcome:
     screening: dict[str, float] | None = None
     defended: bool = False  # a defense weighed the round's updates (verdicts, skipped)
     privacy: dict[str, Any] | None = None  # client-level DP: clipping, noise, epsilon spent so far
+    realign: dict[str, Any] | None = None  # server-side realignment's steps and losses, where it ran
 
 
 class FederatedServer:
     def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None, *, wire: WireSpec | None = None,
                  lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0,
                  plan: RoundPlan | None = None, max_abs_value: float = math.inf, privacy=None,
-                 secure_clip: float | None = None):
+                 secure_clip: float | None = None, realign=None):
         """``wire``: what clients send (default: every tensor, uncompressed); ``lora_alpha``: LoRA's
         alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run
         seed (product averaging draws fresh A rows for directions the mean does not use); ``plan``: who
@@ -132,6 +133,9 @@ class FederatedServer:
         self.max_abs_value = float(max_abs_value)
         self.privacy = privacy  # optional: client-level DP (fedguard.privacy.client_dp.ClientLevelDP)
         self.secure_clip = secure_clip
+        self.realign = realign  # optional: server-side steps on its own safety data after aggregation
+        if realign is not None and lora_aggregation == "flora":
+            raise ValueError("server-side realignment needs a global adapter; FLoRA has none")
         if (privacy is not None or secure_clip is not None) and lora_aggregation != "naive":
             raise ValueError("client-level DP and secure aggregation need naive LoRA aggregation")
         if secure_clip is not None and defense is not None:
@@ -242,12 +246,17 @@ class FederatedServer:
             if not accepted:
                 log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             new_global = {k: v.clone() for k, v in global_adapter.items()}
+        realigned = None
+        if self.realign is not None and (accepted or accepted_ids) and not skipped:
+            # after the aggregate (and after DP's noise: post-processing on the server's own data costs no privacy)
+            new_global, realigned = self.realign(server_round, new_global)
         if self.defense is not None:
             meta["defense"] = self.defense.state_dict()
         new_state = ServerState(round=server_round, tensors=state.tensors, meta=meta)
         ids = accepted_ids if accepted_ids is not None else [u.client_id for u in accepted]
         return RoundOutcome(new_global, new_state, ids, rejected, verdicts, skipped,
-                            report, screening, defended=self.defense is not None, privacy=privacy)
+                            report, screening, defended=self.defense is not None, privacy=privacy,
+                            realign=realigned)
 
     @staticmethod
     def _check_sum(summed: UpdateSum, sent_global: AdapterState) -> None:

@@ -22,7 +22,8 @@ from typing import Any
 from fedguard.config import ExperimentConfig, build_config
 from fedguard.data.federation import build_client_data, build_eval_data
 from fedguard.evaluation.stats import paired_refusals
-from fedguard.factories import Resident, build_client, build_defense, build_server, lora_aggregation, load_resident
+from fedguard.factories import (Resident, build_client, build_defense, build_realign, build_server, load_resident,
+                                lora_aggregation)
 from fedguard.federated.client import ClientState, EncodeError
 from fedguard.federated.server import flora_merged
 from fedguard.federated.transport import attachment_nbytes, uplink_header_nbytes, uplink_nbytes
@@ -227,7 +228,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, resume: bool, stop_after_round: i
 
         eval_data.triggered_prompts = [with_trigger(e, cfg.attack.trigger) for e in eval_data.harmful_prompts]
     defense, attacker_probe = build_defense(cfg, resident, progress)
-    server = build_server(cfg, defense)
+    server = build_server(cfg, defense, build_realign(cfg, resident))
     clients = clients_factory(cfg, resident, attacker_probe)
     from fedguard.evaluation.evaluator import Evaluator
 
@@ -401,6 +402,8 @@ def _round_record(server_round: int, lr: float, instructions: dict[str, Instruct
         record["privacy"] = outcome.privacy
     if outcome.lora_aggregation is not None:
         record["lora_aggregation"] = outcome.lora_aggregation
+    if outcome.realign is not None:
+        record["realign"] = outcome.realign
     if outcome.defended:
         record["defense"] = {"skipped": outcome.skipped, "verdicts": [v.to_json() for v in outcome.verdicts],
                              "detection": detection_summary(outcome.verdicts, population)}
