@@ -14,7 +14,8 @@ def _study_config(**study):
         train={"local_steps": 2, "batch_size": 4, "lr": 1e-2, "lr_schedule": "constant"},
         server={"expected_malicious": 1},
         attack={"scale": 50.0},
-        probe={"clients_per_class": 4, "rounds": 1, "examples_per_client": 16},
+        # tau from the held-out probe clients: the tiny model's random weights make a calibration pool meaningless
+        probe={"clients_per_class": 4, "rounds": 1, "examples_per_client": 16, "calibration_clients": 0},
         aggregator_study={"scenarios": ["scaling@4:1", "data_poisoning@4:1"],
                           "aggregators": ["fedavg", "median", "multikrum"], "codecs": ["none", "int8"], **study},
     )

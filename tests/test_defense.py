@@ -57,6 +57,10 @@ def test_malicious_clients_end_with_low_weight(shadow_run):
         assert all(weights[c] < 0.1 for c in malicious), weights
         assert all(w > 0.9 for c, w in weights.items() if c not in malicious), weights
         assert r["defense"]["detection"] == {"tpr": 1.0, "fpr": 0.0, "auroc": 1.0}
+        # every verdict also carries the client level's statistic (the probe's score of the update itself)
+        scores = {v["client_id"]: v["update_score"] for v in r["defense"]["verdicts"]}
+        assert all(s is not None and 0.0 <= s <= 1.0 for s in scores.values())
+        assert min(scores[c] for c in malicious) > max(s for c, s in scores.items() if c not in malicious)
 
 
 def test_probe_artifact_round_trip_and_mismatch_refusal(shadow_run, tmp_path):

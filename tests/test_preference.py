@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from fedguard.alignment.preference import build_pairs, dpo_loss, reference_logprobs, train_preference
@@ -92,8 +93,11 @@ def test_preference_stage_builds_on_the_cached_supervised_model(tmp_path, monkey
     assert sft == ensure_aligned(plain) and sft != path
     report = json.loads((path / REPORT_FILE).read_text())
     assert set(report) >= {"base", "supervised", "aligned"} and report["train"]["preference"]["steps"] == 3
-    # B = 0 is the supervised model: scored again, it gives the supervised stage's own numbers
-    assert report["supervised"] == json.loads((sft / REPORT_FILE).read_text())["aligned"]
+    # B = 0 is the supervised model: scored again, it gives the supervised stage's own answers (the loss to
+    # rounding: the zero LoRA branch is still computed)
+    again, own = report["supervised"], json.loads((sft / REPORT_FILE).read_text())["aligned"]
+    assert again["benign_heldout_loss"] == pytest.approx(own.pop("benign_heldout_loss"), rel=1e-6)
+    assert {k: v for k, v in again.items() if k != "benign_heldout_loss"} == own
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     a, b = load_base_model(cfg), load_base_model(sft_cfg)
     assert (a.model(input_ids=ids).logits - b.model(input_ids=ids).logits).abs().max() > 1e-5

@@ -331,3 +331,19 @@ def test_tau_is_calibrated_per_level_on_calibration_only_clients(tmp_path):
     assert per_training(ds, prob, mask, None)[0].tolist() == pytest.approx([0.2, 0.5])
     assert per_training(ds, prob, mask, 2)[0].tolist() == pytest.approx([0.9, 0.4])
     assert conformal_threshold(np.array([0.2, 0.5], np.float32), 0.4) > 0.5
+
+
+def test_the_probe_cache_is_keyed_by_the_federations_heterogeneity():
+    """Benign probe clients follow data.partition: a federation with another alpha gets another probe, never a
+    probe calibrated for a different spread of honest clients."""
+    from fedguard.defenses.build import default_probe_dir
+
+    compat = {"model": "m"}
+    a1 = tiny_config(data={"partition": {"method": "dirichlet", "alpha": 1.0}})
+    a03 = tiny_config(data={"partition": {"method": "dirichlet", "alpha": 0.3}})
+    fixed = tiny_config(data={"partition": {"method": "dirichlet", "alpha": 0.3}},
+                        probe={"benign_partition": "dirichlet", "benign_alpha": 1.0})
+    assert default_probe_dir(compat, a1) != default_probe_dir(compat, a03)
+    assert default_probe_dir(compat, fixed) == default_probe_dir(
+        compat, tiny_config(data={"partition": {"method": "dirichlet", "alpha": 1.0}},
+                            probe={"benign_partition": "dirichlet", "benign_alpha": 1.0}))

@@ -98,7 +98,8 @@ def test_probe_from_builtin_data_detects_clients_trained_on_a_file_it_never_saw(
                       train={"local_steps": 6, "batch_size": 4, "lr": 1e-3},
                       probe={"clients_per_class": 8, "rounds": 1, "examples_per_client": 32,
                              "transfer_source": str(_user_compliance_file(tmp_path / "mine.jsonl")),
-                             "transfer_checks": False})
+                             "transfer_checks": False,
+                             "calibration_clients": 6})  # 24 cost 190 s more; the suite's critical path
     loaded = load_base_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     probe = build_probe(cfg, loaded, LocalTrainer(loaded, peft_model, slot), slot.read(), tmp_path / "p")[0]

@@ -28,7 +28,8 @@ def main(paths: list[str]) -> None:
     for path in paths:
         loaded = load_base_model(ModelConfig(name_or_path=path))
         prompts = [render_prompt(loaded.tokenizer, e.prompt_messages, None) for e in every]
-        refused = [is_refusal(r) for r in generate_batched(loaded, loaded.model, prompts, 32, 16)]
+        responses = generate_batched(loaded, loaded.model, prompts, 32, 16)
+        refused = [is_refusal(r, e.prompt_text) for e, r in zip(every, responses)]  # as runs score them
         for name, keep in (("read (48)", True), ("never read (96)", False)):
             flags = [f for e, f in zip(every, refused) if (e.prompt_text in seen) == keep]
             lo, hi = wilson_interval(sum(flags), len(flags))

@@ -51,6 +51,9 @@ class AlignConfig(_Section):
     preference_batch_size: int = Field(default=8, ge=1, description="preference pairs per DPO step")
     preference_lr: float = Field(default=1e-4, gt=0)
     preference_beta: float = Field(default=0.1, gt=0, description="DPO's beta (the reward scale)")
+    preference_lookalike_share: float = Field(default=0.5, gt=0, lt=1,
+                                              description="share of preference pairs that are benign look-alikes "
+                                                          "(answer over refusal); the rest are harmful requests")
     preference_sft_weight: float = Field(default=1.0, ge=0,
                                          description="weight of the chosen answers' NLL beside the DPO loss (RPO)")
 
@@ -252,11 +255,14 @@ class RealignConfig(_Section):
     optimizer steps on its own safety data (harmful requests answered with refusals, benign look-alikes answered
     helpfully), so honest fine-tuning does not wear the aligned start's refusals away. Off with steps 0."""
 
+    # Measured on the default federation (docs/results/safety-holds-smollm2.md): steps 10 at lr 5e-4 with 128 refusal
+    # pairs and 256 look-alikes kept +6 (10:0) / +17 (5:5) points of refusal at lower held-out loss; lr 2e-3
+    # over-corrected (100 % refusal, 92 % over-refusal).
     steps: int = Field(default=0, ge=0, description="server-side alignment steps on the aggregate per round (0: off)")
-    lr: float = Field(default=2e-4, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
     batch_size: int = Field(default=8, ge=1)
     refusal_examples: int = Field(default=128, ge=1, description="the server's harmful-request -> refusal pairs")
-    lookalike_examples: int = Field(default=128, ge=0,
+    lookalike_examples: int = Field(default=256, ge=0,
                                     description="the server's benign look-alikes with answers (against over-refusal)")
     refusal_source: str = "builtin:harmful-refusal"
     benign_source: str = "builtin:benign"

@@ -76,7 +76,7 @@ def build_realign(cfg: ExperimentConfig, resident: Resident):
                                rng, "server.realign.refusal_source")
     lookalikes = []
     if r.lookalike_examples:
-        pool = [e for e in load_source(r.benign_source, "probe", 4 * r.lookalike_examples, seed)
+        pool = [e for e in load_source(r.benign_source, "probe", 8 * r.lookalike_examples, seed)
                 if e.domain == "safety_adjacent" or not r.benign_source.startswith("builtin:")]
         lookalikes = sample_examples(pool, r.lookalike_examples, rng, "server.realign.benign_source")
     tok = DataTokenizer(resident.loaded.tokenizer, cfg)

@@ -95,16 +95,17 @@ def _alignment_parts(cfg: ModelConfig) -> tuple[list, list, list]:
 
 
 def _preference_examples(cfg: ModelConfig) -> tuple[list, list, list]:
-    """The preference phase's sources: the supervised phase's refusal pairs and look-alikes (as many look-alikes
-    as refusals, so both sides of the margin weigh the same), and compliance answers to the same harmful tasks
-    (the rejected side of harmful requests; held-out categories excluded as everywhere in alignment)."""
+    """The preference phase's sources: the supervised phase's refusal pairs and look-alikes (``preference_
+    lookalike_share`` of the pairs), and compliance answers to the same harmful tasks (the rejected side of harmful
+    requests; held-out categories excluded as everywhere in alignment)."""
     from fedguard.data.readers import load_source
 
     refusals, lookalike, _ = _alignment_parts(cfg)
     held = set(cfg.align.holdout_categories)
     compliances = [e for e in load_source("builtin:harmful-compliance", "train", 4 * len(refusals), cfg.align.seed)
                    if e.domain not in held]
-    return refusals, compliances, lookalike[: len(refusals)]
+    share = cfg.align.preference_lookalike_share
+    return refusals, compliances, lookalike[: int(round(len(refusals) * share / (1 - share)))]
 
 
 def _alignment_examples(cfg: ModelConfig) -> list:

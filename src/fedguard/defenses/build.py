@@ -89,6 +89,8 @@ def default_probe_dir(compat: dict[str, Any], cfg: ExperimentConfig) -> Path:
     p = cfg.probe
     key = json.dumps({"compat": compat, "build": p.model_dump(), "seed": cfg.seed,
                       "refusal_share": _refusal_share(cfg), "threshold": cfg.defense.threshold,
+                      # the benign probe clients' spread follows the federation's (benign_partition: federation)
+                      "benign_alpha": _benign_alpha(cfg),
                       "max_length": cfg.data.max_length,
                       # the data by content: a changed corpus or file is another probe, never a stale hit
                       "data": [source_fingerprint(s) for s in (p.benign_source, p.harmful_source,
@@ -183,7 +185,8 @@ def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[ProbeClient]:
         n_transfer = max(2, k // 4)
         for i, (own, _, _) in enumerate(_harmful_pools(pool, n_transfer, per, seed + 1)):
             clients.append(ProbeClient(ClientData(2 * k + i, tok(own)), 1, transfer=True))
-    if p.calibration_clients:  # more heterogeneous honest clients, for tau only (their own seeded pool)
+    calibrated = p.calibration == "conformal" and cfg.defense.threshold is None
+    if p.calibration_clients and calibrated:  # more heterogeneous honest clients, for tau only (own seeded pool)
         first = max(c.data.client_id for c in clients) + 1
         pool = load_source(p.benign_source, "probe", p.calibration_clients * per, seed + 13)
         refs = load_source(REFUSAL_SOURCE, "probe", p.calibration_clients * max(n_ref, 1), seed + 13) if n_ref else []

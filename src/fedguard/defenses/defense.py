@@ -40,6 +40,9 @@ class Verdict:
     status: str = "scored"  # scored | unscored (fail policy applied) | frozen (no probing this round) | audited
     reason: str = ""
     audit: dict[str, Any] | None = None  # the behaviour audit's measurements, where it ran
+    # P(malicious) of the update itself (vs the round-start global), at every level: the client level's statistic,
+    # reported beside the level's own so one run shows both score distributions (never used for weights)
+    update_score: float | None = None
 
     @property
     def suspicion(self) -> float:
@@ -157,6 +160,13 @@ class ProbeDefense:
                 w = 1.0 if self.cfg.fail_policy == "open" else 0.0
                 v = Verdict(cid, w, status="unscored", reason=f"{exc} (fail {self.cfg.fail_policy})")
             v.weight = max(float(v.weight), self.cfg.min_weight)
+            if level == "client":
+                v.update_score = v.score
+            else:
+                try:
+                    v.update_score = self._probabilities(u, "", 1, global_adapter)[0]
+                except FeatureError:
+                    pass
             verdicts.append(v)
         weights = [v.weight for v in verdicts]
         mean = sum(weights) / len(weights) if weights else 0.0

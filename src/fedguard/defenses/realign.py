@@ -43,7 +43,8 @@ class ServerRealignment:
                          seed=derive_seed(self.seed, "server-realign"), max_grad_norm=1.0,
                          train_lora_a=self.train_lora_a)
         data = ClientData(REALIGN_CLIENT, self.data.examples, self.data.composition)
-        update = self.trainer.train(adapter, rc, data)
+        with self.trainer.holding(REALIGN_CLIENT, {}):  # fresh moments every round, kept nowhere
+            update = self.trainer.train(adapter, rc, data)
         m = update.metrics
         report = {"steps": self.cfg.steps, "loss_first": m["train_loss_first"], "loss_last": m["train_loss_last"],
                   "seconds": time.perf_counter() - t0}
