@@ -73,10 +73,8 @@ def build_pairs(refusals: list[Example], compliances: list[Example], lookalikes:
 def sequence_logprobs(loss_fn, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion-token log-probability of each row, each row's completion-token count), with grad when
     grad is enabled. ``loss_fn`` is the trainer's :class:`~fedguard.federated.client.CompletionLoss`."""
-    rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
-    with loss_fn.loaded.autocast():
-        logits = loss_fn._logits(batch, rows, cols)
-    nll = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
+    rows = batch.target_positions[:, 0]
+    nll = torch.nn.functional.cross_entropy(loss_fn.target_logits(batch).float(), batch.targets, reduction="none")
     n_rows = batch.input_ids.shape[0]
     sums = torch.zeros(n_rows, dtype=torch.float32, device=nll.device).index_add(0, rows, -nll)
     counts = torch.bincount(rows, minlength=n_rows)

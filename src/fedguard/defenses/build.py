@@ -185,8 +185,7 @@ def _probe_clients(cfg: ExperimentConfig, tokenizer) -> list[ProbeClient]:
         n_transfer = max(2, k // 4)
         for i, (own, _, _) in enumerate(_harmful_pools(pool, n_transfer, per, seed + 1)):
             clients.append(ProbeClient(ClientData(2 * k + i, tok(own)), 1, transfer=True))
-    calibrated = p.calibration == "conformal" and cfg.defense.threshold is None
-    if p.calibration_clients and calibrated:  # more heterogeneous honest clients, for tau only (own seeded pool)
+    if p.calibration_clients and _conformal(cfg):  # more heterogeneous honest clients, for tau only (own seeded pool)
         first = max(c.data.client_id for c in clients) + 1
         pool = load_source(p.benign_source, "probe", p.calibration_clients * per, seed + 13)
         refs = load_source(REFUSAL_SOURCE, "probe", p.calibration_clients * max(n_ref, 1), seed + 13) if n_ref else []
@@ -263,8 +262,13 @@ def _fit(cfg: ExperimentConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch
     return fit_probe(x, y, cfg.probe.classifier, cfg.seed, cfg.probe.regularisation)
 
 
+def _conformal(cfg: ExperimentConfig) -> bool:
+    """tau is calibrated (split conformal) rather than fixed by defense.threshold or probe.calibration."""
+    return cfg.probe.calibration == "conformal" and cfg.defense.threshold is None
+
+
 def _threshold(cfg: ExperimentConfig, benign_scores: np.ndarray) -> float:
-    if cfg.probe.calibration == "conformal" and cfg.defense.threshold is None:
+    if _conformal(cfg):
         return conformal_threshold(benign_scores, cfg.probe.target_fpr)
     return cfg.defense.threshold or 0.8
 
@@ -371,11 +375,10 @@ def train_probe(cfg: ExperimentConfig, ds: ProbeDataset, shapes, compat: dict[st
     metrics = detection_metrics(ds.labels[test], prob[test], tau)
     metrics["threshold"] = tau
     metrics["thresholds"] = dict(probe.thresholds)
-    calibrated_on = (f"{int(ds.calibration.any() and len(set(ds.clients[ds.calibration].tolist())))} calibration-only"
-                     if ds.calibration.any() else "held-out") + " benign probe clients"
-    metrics["calibration"] = (f"conformal at FPR {cfg.probe.target_fpr} on {calibrated_on}"
-                              if cfg.probe.calibration == "conformal" and cfg.defense.threshold is None
-                              else "fixed")
+    n_cal = len(set(ds.clients[ds.calibration].tolist()))
+    calibrated_on = f"{n_cal} calibration-only" if n_cal else "held-out"
+    metrics["calibration"] = (f"conformal at FPR {cfg.probe.target_fpr} on {calibrated_on} benign probe clients"
+                              if _conformal(cfg) else "fixed")
     # Detection as each level sees it, on held-out clients (benign ones out of sample when calibration clients
     # exist): one verdict per client and local training.
     for level, upto in (("client", None), ("shadow", shadow_steps)):

@@ -134,14 +134,19 @@ class CompletionLoss:
             return self.base(input_ids=batch.input_ids).logits[rows, cols]
         return self.head(self.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols])
 
+    def target_logits(self, batch: Batch) -> torch.Tensor:
+        """[completion tokens, vocab] logits at the positions that predict ``batch.targets`` (with grad when grad
+        is enabled): per-sequence log-probabilities for audits and preference losses."""
+        rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
+        with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
+            return self._logits(batch, rows, cols)
+
     @torch.no_grad()
     def per_row(self, batch: Batch) -> torch.Tensor:
         """Summed completion-token cross-entropy of each row of ``batch`` (float64), for audits: rows are
         right-padded and the model is causal, so a row's loss does not depend on its batch."""
-        rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
-        with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
-            logits = self._logits(batch, rows, cols)
-        nll = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
+        rows = batch.target_positions[:, 0]
+        nll = torch.nn.functional.cross_entropy(self.target_logits(batch).float(), batch.targets, reduction="none")
         return torch.zeros(batch.input_ids.shape[0], dtype=torch.float64, device=nll.device).index_add_(
             0, rows, nll.double())
 
