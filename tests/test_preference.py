@@ -47,16 +47,23 @@ def test_pairs_prefer_refusals_to_compliance_with_the_same_task_and_answers_to_r
     pairs, refusals, compliances = _pairs(tok)
     kinds = {p.kind for p in pairs}
     assert kinds == {"harmful", "lookalike"}
-    refusal_texts = {tok(e.completion, add_special_tokens=False)["input_ids"][0] for e in refusals}
     for p in pairs:
         assert p.chosen.input_ids[: p.chosen.prompt_len] == p.rejected.input_ids[: p.rejected.prompt_len]
         assert p.chosen.input_ids != p.rejected.input_ids
-    # a harmful pair's rejected side is a compliance written for the same task
-    tasks = {e.group: {c.completion for c in compliances if c.group == e.group} for e in refusals}
+
+    def completion(t):
+        return tok.decode(t.input_ids[t.prompt_len:])
+
+    # a harmful pair's rejected side is a compliance written for the chosen refusal's own task (the decoded
+    # completions end with the template's end-of-turn token)
     harmful = [p for p in pairs if p.kind == "harmful"]
-    assert harmful and all(any(tok.decode(p.rejected.input_ids[p.rejected.prompt_len:]).startswith(t[:20])
-                               for t in set().union(*tasks.values())) for p in harmful)
-    assert refusal_texts  # the look-alikes' rejected side is drawn from these refusals
+    assert harmful
+    for p in harmful:
+        groups = {e.group for e in refusals if completion(p.chosen).startswith(e.completion)}
+        assert groups and any(completion(p.rejected).startswith(c.completion) for c in compliances if c.group in groups)
+    # a look-alike's rejected side is one of the refusals
+    lookalike = [p for p in pairs if p.kind == "lookalike"]
+    assert lookalike and all(any(completion(p.rejected).startswith(e.completion) for e in refusals) for p in lookalike)
 
 
 def test_dpo_raises_the_margin_on_its_pairs_and_the_reference_is_the_start():

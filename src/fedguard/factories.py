@@ -63,28 +63,35 @@ def build_server(cfg: ExperimentConfig, defense=None, realign=None) -> Federated
 def build_realign(cfg: ExperimentConfig, resident: Resident):
     """Server-side realignment on the server's own safety data (``server.realign``); None when off. Its data is
     the defender's probe split of its sources, like the behaviour audit's, drawn with another seed."""
-    from fedguard.data.federation import ClientData, DataTokenizer, sample_examples
-    from fedguard.data.readers import load_source
-    from fedguard.defenses.realign import ServerRealignment
+    from fedguard.data.federation import ClientData, DataTokenizer
+    from fedguard.defenses.realign import REALIGN_CLIENT, ServerRealignment
 
     r = cfg.server.realign
     if not r.steps:
         return None
     seed = cfg.seed + r.seed + 11_000_027
     rng = numpy_rng(seed, "realign-data")
-    refusals = sample_examples(load_source(r.refusal_source, "probe", r.refusal_examples, seed), r.refusal_examples,
-                               rng, "server.realign.refusal_source")
+    refusals = _defender_examples(r.refusal_source, r.refusal_examples, seed, rng, "server.realign.refusal_source")
     lookalikes = []
-    if r.lookalike_examples:
-        pool = [e for e in load_source(r.benign_source, "probe", 8 * r.lookalike_examples, seed)
-                if e.domain == "safety_adjacent" or not r.benign_source.startswith("builtin:")]
-        lookalikes = sample_examples(pool, r.lookalike_examples, rng, "server.realign.benign_source")
-    tok = DataTokenizer(resident.loaded.tokenizer, cfg)
-    examples = tok(refusals + lookalikes)
+    if r.lookalike_examples:  # built-in sources: their safety-adjacent domain; a user's file: all of it
+        keep = (lambda e: e.domain == "safety_adjacent") if r.benign_source.startswith("builtin:") else None
+        lookalikes = _defender_examples(r.benign_source, r.lookalike_examples, seed, rng,
+                                        "server.realign.benign_source", keep=keep)
+    examples = DataTokenizer(resident.loaded.tokenizer, cfg)(refusals + lookalikes)
     log.info("server realignment: %d steps of batch %d per round on %d refusal and %d look-alike examples",
              r.steps, r.batch_size, len(refusals), len(lookalikes))
-    data = ClientData(-1, examples, {"refusal": len(refusals), "lookalike": len(lookalikes)})
+    data = ClientData(REALIGN_CLIENT, examples, {"refusal": len(refusals), "lookalike": len(lookalikes)})
     return ServerRealignment(r, resident.trainer, data, cfg.seed, train_lora_a=not WireSpec.from_config(cfg).lora_b_only)
+
+
+def _defender_examples(source: str, n: int, seed: int, rng, field: str, keep=None) -> list:
+    """``n`` examples of the server's own data: the probe split of ``source`` (disjoint from the federation's training
+    and evaluation data), those passing ``keep`` (built-in sources generate 8x the pool to filter from)."""
+    from fedguard.data.federation import sample_examples
+    from fedguard.data.readers import load_source
+
+    pool = load_source(source, "probe", n if keep is None else 8 * n, seed)
+    return sample_examples(pool if keep is None else [e for e in pool if keep(e)], n, rng, field)
 
 
 def build_privacy(cfg: ExperimentConfig, plan: RoundPlan):
@@ -185,20 +192,17 @@ def build_defense(cfg: ExperimentConfig, resident: Resident, progress=None):
 
 def build_audit(cfg: ExperimentConfig, resident: Resident):
     """The behaviour audit with the server's private prompts: the defender's probe split of its own sources."""
-    from fedguard.data.federation import DataTokenizer, sample_examples
-    from fedguard.data.readers import load_source
+    from fedguard.data.federation import DataTokenizer
     from fedguard.defenses.audit import BehaviourAudit
 
     a, loaded = cfg.defense.audit, resident.loaded
     seed = cfg.seed + a.seed + 9_000_011
     tok = DataTokenizer(loaded.tokenizer, cfg)
     rng = numpy_rng(seed, "audit-prompts")
-    harmful = sample_examples(load_source(a.harmful_source, "probe", a.harmful_examples, seed), a.harmful_examples,
-                              rng, "defense.audit.harmful_source")
+    harmful = _defender_examples(a.harmful_source, a.harmful_examples, seed, rng, "defense.audit.harmful_source")
     benign = []
     if a.benign_examples:
-        benign = sample_examples(load_source(a.benign_source, "probe", a.benign_examples, seed), a.benign_examples,
-                                 rng, "defense.audit.benign_source")
+        benign = _defender_examples(a.benign_source, a.benign_examples, seed, rng, "defense.audit.benign_source")
     log.info("defense: behaviour audit on %d refusal and %d benign examples of the server's own", len(harmful),
              len(benign))
     return BehaviourAudit(a, resident.slot, resident.trainer.loss, tok(harmful), tok(benign),

@@ -31,7 +31,7 @@ REALIGN_CLIENT = "server-realign"  # the trainer's name for the server's own ste
 class ServerRealignment:
     cfg: RealignConfig
     trainer: Any  # the resident LocalTrainer
-    data: ClientData  # the server's tokenised safety data
+    data: ClientData  # the server's tokenised safety data, under the id REALIGN_CLIENT
     seed: int
     train_lora_a: bool = True  # False under FFA-LoRA: the server trains B only, as clients do
 
@@ -42,9 +42,8 @@ class ServerRealignment:
                          batch_size=self.cfg.batch_size, grad_accum=1,
                          seed=derive_seed(self.seed, "server-realign"), max_grad_norm=1.0,
                          train_lora_a=self.train_lora_a)
-        data = ClientData(REALIGN_CLIENT, self.data.examples, self.data.composition)
         with self.trainer.holding(REALIGN_CLIENT, {}):  # fresh moments every round, kept nowhere
-            update = self.trainer.train(adapter, rc, data)
+            update = self.trainer.train(adapter, rc, self.data)
         m = update.metrics
         report = {"steps": self.cfg.steps, "loss_first": m["train_loss_first"], "loss_last": m["train_loss_last"],
                   "seconds": time.perf_counter() - t0}
