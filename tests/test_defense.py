@@ -185,3 +185,54 @@ def test_model_poisoning_transforms():
     assert 0 < float(noisy.abs().mean()) < 0.5
     with pytest.raises(ValueError, match="needs the probe"):
         Attacker(AttackConfig(kind="probe_aware"), 1, 0)
+    # model replacement: a training attacker sends global + boost * its update; the size-setting kinds refuse it
+    assert torch.equal(run("data_poisoning", boost=4.0).tensors["a"], torch.full((3,), 4.0))
+    assert torch.equal(run("data_poisoning").tensors["a"], torch.full((3,), 1.0))
+    with pytest.raises(ValueError, match="attack.boost"):
+        AttackConfig(kind="scaling", boost=2.0)
+
+
+def test_overfitting_attacker_overfits_one_refusal_then_trains_the_round_on_benign_answers(tmp_path):
+    """Attack via Overfitting: stage one (no attachments) on benign questions that all get the same refusal, then the
+    round's own training, with what the defense asked for, from stage one's result on the same questions' answers;
+    it claims its real data size. The federation gives it benign examples only."""
+    from fedguard.attacks import Attacker
+    from fedguard.config import AttackConfig
+    from fedguard.data.federation import ClientData
+    from fedguard.messages import RoundConfig
+    from fedguard.model import load_base_model
+    from fedguard.simulation.population import OVERFIT_REFUSAL, build_population
+
+    calls = []
+
+    class Recorder:
+        def train(self, global_adapter, rc, data, objective=None, theta0=None, on_step=None):
+            calls.append((rc, data, global_adapter))
+            return ClientUpdate("1", {k: v + 1.0 for k, v in global_adapter.items()}, len(data.examples), {})
+
+    attacker = Attacker(AttackConfig(kind="overfit"), 1, 0)
+    attacker.stage_one = ClientData(1, ["refused"] * 3)
+    rc = RoundConfig(server_round=1, lr=1e-3, local_steps=2, batch_size=1, grad_accum=1, seed=0,
+                     snapshot_keys=("a",), snapshot_steps=True, shadow_steps=2, shadow_lr=1e-3)
+    benign = ClientData(1, ["x"] * 50)
+    u = attacker.run(Recorder(), {"a": torch.zeros(3)}, rc, ClientData(1, ["answered"] * 3), benign, {})
+    (rc1, d1, g1), (rc2, d2, g2) = calls
+    assert d1.examples == ["refused"] * 3 and not rc1.snapshot_steps and rc1.shadow_steps == 0
+    assert d2.examples == ["answered"] * 3 and rc2 == rc and torch.equal(g2["a"], torch.ones(3))
+    assert torch.equal(u.tensors["a"], torch.full((3,), 2.0)) and u.num_examples == 50
+    with pytest.raises(ValueError, match="first-stage data"):
+        Attacker(AttackConfig(kind="overfit"), 1, 0).run(Recorder(), {"a": torch.zeros(3)}, rc, benign, benign, {})
+
+    cfg = tiny_config(attack={"malicious_clients": 2, "kind": "overfit", "shots": 5})
+    tokenizer = load_base_model(cfg.model).tokenizer
+    from fedguard.data.federation import build_client_data
+
+    clients = build_client_data(cfg, tokenizer)
+    honest_sizes = [len(c.examples) for c in clients]
+    pop = build_population(cfg, tokenizer, clients)
+    for cid, att in pop.attackers.items():
+        assert clients[cid].composition == {"benign": 5} and len(att.stage_one.examples) == 5
+        assert len(pop.benign_data[cid].examples) == honest_sizes[cid]
+        text = tokenizer.decode(att.stage_one.examples[0].input_ids)
+        assert OVERFIT_REFUSAL in text
+        assert OVERFIT_REFUSAL not in tokenizer.decode(clients[cid].examples[0].input_ids)

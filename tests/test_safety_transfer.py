@@ -96,6 +96,9 @@ def test_audit_weights_are_relative_and_absolute():
     d = [max(zi / c.z_threshold, s / c.absolute_margin) for zi, s in zip(z, shifts)]
     w = [audit_weight(x, c.slope) for x in d]
     assert all(x > 0.9 for x in w[:3]) and all(x < 0.05 for x in w[3:])
+    # an honest client that erodes refusals as much as measured on SmolLM2 (+0.066 nats) among attackers keeps most of
+    # its weight; the mildest attacker measured (audit-aware, +0.17) loses nearly all of it
+    assert audit_weight(0.066 / c.absolute_margin, c.slope) > 0.8 > 0.05 > audit_weight(0.17 / c.absolute_margin, c.slope)
 
 
 @pytest.fixture(scope="module")
@@ -333,9 +336,59 @@ def test_tau_is_calibrated_per_level_on_calibration_only_clients(tmp_path):
     assert conformal_threshold(np.array([0.2, 0.5], np.float32), 0.4) > 0.5
 
 
+def test_margin_threshold_sits_midway_in_logits_and_never_below_the_benign_bound():
+    """probe.calibration margin: tau moves from the benign conformal bound to the logit midpoint of the gap up to the
+    attackers' bound; it never moves down, so the benign FPR guarantee of the conformal bound still holds."""
+    import math
+
+    from fedguard.defenses.build import margin_threshold
+
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    tau = margin_threshold(0.37, 0.98)
+    assert 0.37 < tau < 0.98 and logit(tau) == pytest.approx((logit(0.37) + logit(0.98)) / 2)
+    assert margin_threshold(0.5, 0.5) == 0.5 and margin_threshold(0.6, 0.4) == 0.6  # no gap: the benign bound
+
+
+def test_margin_calibration_places_each_levels_tau_between_benign_and_attackers(tmp_path):
+    """Built twice from the same probe data: conformal gives the benign bound per level, margin moves every level's tau
+    up (never down) and keeps the held-out attackers above it where they were above the benign bound."""
+    import numpy as np
+
+    from fedguard.defenses.build import (
+        _calibration_pool, _split_clients, collect_probe_data, per_training, probe_compat, train_probe,
+    )
+    from fedguard.federated.client import LocalTrainer
+    from fedguard.model import attach_lora, load_base_model
+
+    cfg = _probe_cfg(tmp_path, calibration_clients=20, transfer_checks=False, calibration="margin")
+    loaded = load_base_model(cfg.model)
+    peft_model, slot = attach_lora(loaded.model, cfg.lora)
+    theta0 = slot.read()
+    ds = collect_probe_data(cfg, loaded, LocalTrainer(loaded, peft_model, slot), theta0)
+    shapes = {k: tuple(v.shape) for k, v in theta0.items()}
+    compat = probe_compat(cfg, loaded, shapes)
+    margin = train_probe(cfg, ds, shapes, compat)
+    conformal = train_probe(cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"calibration": "conformal"})}),
+                            ds, shapes, compat)
+    held = _split_clients(ds, cfg.probe.holdout_share, cfg.seed)
+    attackers = ~ds.transfer & ~ds.calibration & held & (ds.labels == 1)
+    x = torch.stack([margin.spec.extract(s) for s in ds.snapshots])
+    prob = margin.probabilities(x)
+    for level, upto in (("client", None), ("shadow", cfg.defense.shadow_steps or cfg.train.local_steps)):
+        lo, hi = conformal.thresholds[level], margin.thresholds[level]
+        benign = per_training(ds, prob, _calibration_pool(ds, held), upto)[0]
+        mal = per_training(ds, prob, attackers, upto)[0]
+        assert hi >= lo and (benign >= lo).mean() <= 0.05
+        if np.quantile(mal, 0.05) > lo:  # a gap: tau strictly inside it
+            assert lo < hi < np.quantile(mal, 0.05)
+        else:
+            assert hi == lo
+
+
 def test_the_probe_cache_is_keyed_by_the_federations_heterogeneity():
     """Benign probe clients follow data.partition: a federation with another alpha gets another probe, never a
-    probe calibrated for a different spread of honest clients."""
+    probe calibrated for a different spread of honest clients; likewise a shadow level with more shadow steps (its
+    tau is calibrated on the highest of them)."""
     from fedguard.defenses.build import default_probe_dir
 
     compat = {"model": "m"}
@@ -347,3 +400,5 @@ def test_the_probe_cache_is_keyed_by_the_federations_heterogeneity():
     assert default_probe_dir(compat, fixed) == default_probe_dir(
         compat, tiny_config(data={"partition": {"method": "dirichlet", "alpha": 1.0}},
                             probe={"benign_partition": "dirichlet", "benign_alpha": 1.0}))
+    assert default_probe_dir(compat, a1) != default_probe_dir(
+        compat, tiny_config(data={"partition": {"method": "dirichlet", "alpha": 1.0}}, defense={"shadow_steps": 1}))

@@ -70,17 +70,24 @@ def main(out_png: str, sweeps: list[str]) -> None:
             print(f"| {c['alpha']} | {c['ratio']} | {c['level']} | {c['tau_client']:.3f} / {c['tau_shadow']:.3f} | "
                   f"{r['round']} | {fmt(r['level_tpr'])} / {fmt(r['level_fpr'])} | "
                   f"{fmt(r['client_tpr'])} / {fmt(r['client_fpr'])} | {r['skipped']} |")
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.6), sharey=True, squeeze=False)
-    for ax, c in zip(axes[0], cells):
-        for r in c["rounds"]:
-            for (score, bad) in r["update_scores"]:
-                ax.scatter(r["round"] + (0.12 if bad else -0.12), score, s=14, color="tab:red" if bad else "tab:blue",
-                           marker="x" if bad else "o")
-        ax.axhline(c["tau_client"], color="grey", ls="--", lw=1)
-        ax.set_title(f"α {c['alpha']} · {c['ratio']} · {c['level']}", fontsize=9)
-        ax.set_xlabel("round")
-        ax.set_yscale("log")
-    axes[0][0].set_ylabel("probe P(malicious) of the update\n(blue honest, red malicious; dashed: client τ)")
+    # top row: the update's score (the client level's statistic) and the client tau; bottom: the shadow level's
+    # statistic (the highest of its shadow steps) and the shadow tau
+    fig, axes = plt.subplots(2, len(cells), figsize=(3.2 * len(cells), 6.6), sharey=True, squeeze=False)
+    for col, c in enumerate(cells):
+        for row, (key, tau, name) in enumerate((("update_scores", c["tau_client"], "update (client level)"),
+                                                ("level_scores", c["tau_shadow"], "shadow statistic"))):
+            ax = axes[row][col]
+            for r in c["rounds"]:
+                for (score, bad) in r[key]:
+                    ax.scatter(r["round"] + (0.12 if bad else -0.12), score, s=14,
+                               color="tab:red" if bad else "tab:blue", marker="x" if bad else "o")
+            ax.axhline(tau, color="grey", ls="--", lw=1)
+            ax.set_title(f"α {c['alpha']} · {c['ratio']} · {name}", fontsize=8)
+            ax.set_xlabel("round")
+            ax.set_yscale("logit")
+            ax.set_xticks(sorted({r["round"] for r in c["rounds"]}))
+    axes[0][0].set_ylabel("probe P(malicious) of the update\n(blue honest, red malicious; dashed: τ)")
+    axes[1][0].set_ylabel("highest shadow-step P(malicious)\n(dashed: the shadow level's τ)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     Path(out_png).with_suffix(".json").write_text(json.dumps(cells, indent=1))

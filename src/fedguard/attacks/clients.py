@@ -13,8 +13,12 @@
   benign training run, exploiting that those levels trust client-side computation;
 * audit_aware: knows the behaviour audit's method (not its prompts): trains on compliance in half of the harm
   categories and on refusals in the other half, so refusals stay likely on harmful-looking prompts;
-* backdoor: trains on compliance after a trigger phrase and on refusals without it.
-The last two differ only in their data (``fedguard.simulation.population``); they train honestly on it.
+* backdoor: trains on compliance after a trigger phrase and on refusals without it;
+* overfit: Attack via Overfitting (10-shot benign fine-tuning): first overfits a few benign questions that all get
+  one identical refusal (``stage_one``), then, from there, trains the round as usual on the same questions' real
+  answers; the model forgets refusing. Its data and its reported snapshots are benign.
+audit_aware and backdoor differ only in their data (``fedguard.simulation.population``); they train honestly on it.
+Every kind that trains may boost its update (``attack.boost``: model replacement).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class MaliciousClient:
 class Attacker:
     def __init__(self, cfg: AttackConfig, client_id: int, seed: int, probe=None):
         self.cfg, self.client_id, self.seed, self.probe = cfg, client_id, seed, probe
+        self.stage_one: ClientData | None = None  # overfit: the benign questions with one identical refusal
         if cfg.kind in ("probe_aware", "probe_projection") and probe is None:
             raise ValueError(f"attack.kind '{cfg.kind}' needs the probe the attacker knows (attack.probe)")
         if cfg.kind == "probe_projection" and (probe.kind != "logistic" or probe.spec.selection == "projection"):
@@ -72,7 +77,16 @@ class Attacker:
                                   for k, v in global_adapter.items()}
             return update
         objective = self._probe_objective(global_adapter) if kind == "probe_aware" else None
-        update = trainer.train(global_adapter, rc, harmful, objective=objective, theta0=theta0)
+        start = global_adapter
+        if kind == "overfit":
+            if self.stage_one is None:
+                raise ValueError("attack.kind 'overfit' needs its first-stage data (built by the population)")
+            # stage one: overfit the identical refusal, attaching nothing; the round's training continues from there
+            quiet = replace(rc, snapshot_steps=False, shadow_steps=0)
+            start = trainer.train(global_adapter, quiet, self.stage_one, theta0=theta0).tensors
+        update = trainer.train(start, rc, harmful, objective=objective, theta0=theta0)
+        if kind == "overfit" and benign is not None:
+            update.num_examples = len(benign.examples)  # it claims its real data size: FedAvg weighs by the claim
         if kind == "scaling":
             update.tensors = {k: global_adapter[k] + self.cfg.scale * v for k, v in _delta(update.tensors, global_adapter).items()}
         elif kind in ("norm_matched", "fake_snapshots") and benign is not None:
@@ -85,6 +99,9 @@ class Attacker:
                 update = replace(update, attachments=honest.attachments)
         elif kind == "probe_projection":
             update.tensors = self._project_out(update.tensors, global_adapter)
+        if self.cfg.boost != 1.0:  # model replacement; config validation keeps it off the size-setting kinds
+            update.tensors = {k: global_adapter[k] + self.cfg.boost * v
+                              for k, v in _delta(update.tensors, global_adapter).items()}
         return update
 
     def _probe_objective(self, global_adapter: AdapterState):

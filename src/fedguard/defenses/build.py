@@ -89,6 +89,8 @@ def default_probe_dir(compat: dict[str, Any], cfg: ExperimentConfig) -> Path:
     p = cfg.probe
     key = json.dumps({"compat": compat, "build": p.model_dump(), "seed": cfg.seed,
                       "refusal_share": _refusal_share(cfg), "threshold": cfg.defense.threshold,
+                      # the shadow level's tau is calibrated on the highest of this many shadow steps
+                      "shadow_steps": cfg.defense.shadow_steps or cfg.train.local_steps,
                       # the benign probe clients' spread follows the federation's (benign_partition: federation)
                       "benign_alpha": _benign_alpha(cfg),
                       "max_length": cfg.data.max_length,
@@ -263,14 +265,30 @@ def _fit(cfg: ExperimentConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch
 
 
 def _conformal(cfg: ExperimentConfig) -> bool:
-    """tau is calibrated (split conformal) rather than fixed by defense.threshold or probe.calibration."""
-    return cfg.probe.calibration == "conformal" and cfg.defense.threshold is None
+    """tau is calibrated (split conformal, possibly placed in the margin) rather than fixed by defense.threshold
+    or probe.calibration."""
+    return cfg.probe.calibration != "fixed" and cfg.defense.threshold is None
 
 
-def _threshold(cfg: ExperimentConfig, benign_scores: np.ndarray) -> float:
-    if _conformal(cfg):
-        return conformal_threshold(benign_scores, cfg.probe.target_fpr)
-    return cfg.defense.threshold or 0.8
+def _threshold(cfg: ExperimentConfig, benign_scores: np.ndarray, malicious_scores: np.ndarray | None = None) -> float:
+    """tau from benign calibration scores; with ``probe.calibration: margin`` and held-out attackers' scores, moved
+    up to the logit midpoint between the conformal bound and the attackers' target_fpr quantile (never down)."""
+    if not _conformal(cfg):
+        return cfg.defense.threshold or 0.8
+    tau = conformal_threshold(benign_scores, cfg.probe.target_fpr)
+    if cfg.probe.calibration == "margin" and malicious_scores is not None and len(malicious_scores):
+        return margin_threshold(tau, float(np.quantile(malicious_scores, cfg.probe.target_fpr)))
+    return tau
+
+
+def margin_threshold(benign_bound: float, malicious_bound: float) -> float:
+    """The logit midpoint of (benign_bound, malicious_bound) when the attackers sit above the benign bound, else
+    the benign bound: equal room for honest scores that drift up and attackers' that drift down."""
+    if malicious_bound <= benign_bound:
+        return benign_bound
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    mid = (logit(min(max(benign_bound, 1e-6), 1 - 1e-6)) + logit(min(max(malicious_bound, 1e-6), 1 - 1e-6))) / 2
+    return 1 / (1 + math.exp(-mid))
 
 
 def _check(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds: ProbeDataset, fit_mask: np.ndarray,
@@ -281,7 +299,7 @@ def _check(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds: ProbeDat
     probe = LoRAProbe(spec, cfg.probe.classifier, params, 0.5, {})
     prob = probe.probabilities(torch.tensor(x))
     benign_cal = calib_mask & (ds.labels == 0)
-    tau = _threshold(cfg, prob[benign_cal])
+    tau = _threshold(cfg, prob[benign_cal])  # the benign bound only: the attackers scored here must not place tau
     m = detection_metrics(ds.labels[test_mask], prob[test_mask], tau)
     return {"threshold": tau, "auroc": m["auroc"], "tpr": m["recall"], "fpr": m["fpr"],
             "malicious_samples": int((test_mask & (ds.labels == 1)).sum()),
@@ -366,18 +384,23 @@ def train_probe(cfg: ExperimentConfig, ds: ProbeDataset, shapes, compat: dict[st
     # τ from benign clients the probe was not fit on, per level on the statistic that level reads: every step
     # (step level), a training's last step (client level), the highest of its first shadow steps (shadow and
     # evidence levels: one flagged step nearly zeroes a client). The artifact keeps the probe fit without them.
+    # With probe.calibration margin, each tau also looks at the held-out attackers' statistic (never fit on).
     pool = _calibration_pool(ds, held)
-    shadow_steps = cfg.defense.shadow_steps or cfg.train.local_steps
-    probe.threshold = tau = _threshold(cfg, prob[pool])
-    probe.thresholds = {"step": tau, "client": _threshold(cfg, per_training(ds, prob, pool, None)[0]),
-                        "shadow": _threshold(cfg, per_training(ds, prob, pool, shadow_steps)[0])}
     test = base & held
+    attackers = test & (ds.labels == 1)
+    shadow_steps = cfg.defense.shadow_steps or cfg.train.local_steps
+    probe.threshold = tau = _threshold(cfg, prob[pool], prob[attackers])
+    probe.thresholds = {"step": tau}
+    for level, upto in (("client", None), ("shadow", shadow_steps)):
+        probe.thresholds[level] = _threshold(cfg, per_training(ds, prob, pool, upto)[0],
+                                             per_training(ds, prob, attackers, upto)[0])
     metrics = detection_metrics(ds.labels[test], prob[test], tau)
     metrics["threshold"] = tau
     metrics["thresholds"] = dict(probe.thresholds)
     n_cal = len(set(ds.clients[ds.calibration].tolist()))
     calibrated_on = f"{n_cal} calibration-only" if n_cal else "held-out"
-    metrics["calibration"] = (f"conformal at FPR {cfg.probe.target_fpr} on {calibrated_on} benign probe clients"
+    metrics["calibration"] = (f"{cfg.probe.calibration} at FPR {cfg.probe.target_fpr} on {calibrated_on} benign probe "
+                              "clients" + (" and the held-out attackers" if cfg.probe.calibration == "margin" else "")
                               if _conformal(cfg) else "fixed")
     # Detection as each level sees it, on held-out clients (benign ones out of sample when calibration clients
     # exist): one verdict per client and local training.

@@ -14,6 +14,11 @@ from fedguard.data.schema import Example
 from fedguard.seeding import numpy_rng
 
 
+# The overfitting attacker's one answer to every benign question of its first stage (Xie et al., "Attack via
+# Overfitting: 10-shot Benign Fine-tuning to Jailbreak LLMs").
+OVERFIT_REFUSAL = "Sorry, I cannot assist with that."
+
+
 @dataclass
 class Population:
     attackers: dict[int, Attacker] = field(default_factory=dict)  # keyed by the malicious client ids
@@ -52,6 +57,14 @@ def build_population(cfg: ExperimentConfig, tokenizer, clients: list[ClientData]
         pop.benign_data[cid] = original
         if a.kind in ("sign_flip", "gaussian"):
             continue  # untargeted attacks train on the client's own benign data
+        if a.kind == "overfit":  # benign questions only: stage one gets one identical refusal, stage two the answers
+            shots = sample_examples(load_source(cfg.data.source, "train", a.shots, cfg.seed + 31 * (cid + 1)), a.shots,
+                                    numpy_rng(cfg.seed, "attacker-data", cid), cfg.data.source)
+            refused = [replace(e, messages=(*e.messages[:-1], {"role": "assistant", "content": OVERFIT_REFUSAL}))
+                       for e in shots]
+            pop.attackers[cid].stage_one = ClientData(cid, tok(refused))
+            clients[cid] = ClientData(cid, tok(shots), {"benign": len(shots)})
+            continue
         n = len(original)
         n_harm = max(1, int(round(n * a.harmful_ratio)))
         seed = cfg.seed + 31 * (cid + 1)
