@@ -32,15 +32,21 @@ def _probe_cfg(tmp_path, **probe):
     )
 
 
-def _build(cfg, tmp_path):
-    from fedguard.defenses.build import build_probe
+def _resident(cfg):
+    """The model loaded once, its LoRA slot's trainer and θ₀: what a probe build trains with."""
     from fedguard.federated.client import LocalTrainer
     from fedguard.model import attach_lora, load_base_model
 
     loaded = load_base_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
-    theta0 = slot.read()
-    return build_probe(cfg, loaded, LocalTrainer(loaded, peft_model, slot), theta0, tmp_path / "probe")[0]
+    return loaded, LocalTrainer(loaded, peft_model, slot), slot.read()
+
+
+def _build(cfg, tmp_path):
+    from fedguard.defenses.build import build_probe
+
+    loaded, trainer, theta0 = _resident(cfg)
+    return build_probe(cfg, loaded, trainer, theta0, tmp_path / "probe")[0]
 
 
 def test_probe_reports_transfer_to_a_user_file_and_to_unseen_categories(tmp_path):
@@ -357,14 +363,9 @@ def test_margin_calibration_places_each_levels_tau_between_benign_and_attackers(
     from fedguard.defenses.build import (
         _calibration_pool, _split_clients, collect_probe_data, per_training, probe_compat, train_probe,
     )
-    from fedguard.federated.client import LocalTrainer
-    from fedguard.model import attach_lora, load_base_model
-
     cfg = _probe_cfg(tmp_path, calibration_clients=20, transfer_checks=False, calibration="margin")
-    loaded = load_base_model(cfg.model)
-    peft_model, slot = attach_lora(loaded.model, cfg.lora)
-    theta0 = slot.read()
-    ds = collect_probe_data(cfg, loaded, LocalTrainer(loaded, peft_model, slot), theta0)
+    loaded, trainer, theta0 = _resident(cfg)
+    ds = collect_probe_data(cfg, loaded, trainer, theta0)
     shapes = {k: tuple(v.shape) for k, v in theta0.items()}
     compat = probe_compat(cfg, loaded, shapes)
     margin = train_probe(cfg, ds, shapes, compat)

@@ -36,6 +36,7 @@ from fedguard.data.partition import partition_dirichlet
 from fedguard.data.readers import load_source, source_fingerprint
 from fedguard.data.schema import Example
 from fedguard.defenses.features import SELECTIONS, FeatureSpec
+from fedguard.defenses.levels import sigmoid
 from fedguard.defenses.probe import LoRAProbe, compat_stamp, detection_metrics, fit_probe
 from fedguard.messages import RoundConfig
 from fedguard.model.registry import cache_root
@@ -286,9 +287,11 @@ def margin_threshold(benign_bound: float, malicious_bound: float) -> float:
     the benign bound: equal room for honest scores that drift up and attackers' that drift down."""
     if malicious_bound <= benign_bound:
         return benign_bound
-    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
-    mid = (logit(min(max(benign_bound, 1e-6), 1 - 1e-6)) + logit(min(max(malicious_bound, 1e-6), 1 - 1e-6))) / 2
-    return 1 / (1 + math.exp(-mid))
+    def logit(p: float) -> float:
+        p = min(max(p, 1e-6), 1 - 1e-6)
+        return math.log(p / (1 - p))
+
+    return sigmoid((logit(benign_bound) + logit(malicious_bound)) / 2)
 
 
 def _check(cfg: ExperimentConfig, spec: FeatureSpec, x: np.ndarray, ds: ProbeDataset, fit_mask: np.ndarray,
