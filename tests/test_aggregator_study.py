@@ -22,7 +22,7 @@ def _study_config(**study):
 
 
 def test_study_compares_rules_on_the_same_updates_and_reuses_rows(tmp_path):
-    from fedguard.simulation.aggregator_study import run_aggregator_study
+    from fedguard.recipes.aggregator_study import run_aggregator_study
 
     cfg = _study_config()
     out = tmp_path / "study"
@@ -72,7 +72,7 @@ def test_benign_updates_are_trained_once_and_handed_out_as_copies(tiny_loaded):
     from fedguard.data.federation import build_client_data
     from fedguard.federated.client import LocalTrainer
     from fedguard.messages import RoundConfig
-    from fedguard.simulation.aggregator_study import _TrainOnce
+    from fedguard.recipes.aggregator_study import _TrainOnce
 
     loaded, peft_model, slot = tiny_loaded
     cfg = tiny_config()
@@ -102,7 +102,7 @@ def test_study_flags_are_validated(tmp_path):
 
 
 def test_study_survives_scenarios_without_benign_or_malicious_clients_and_a_torn_row(tmp_path):
-    from fedguard.simulation.aggregator_study import run_aggregator_study
+    from fedguard.recipes.aggregator_study import run_aggregator_study
 
     cfg = _study_config(scenarios=["scaling@1:0", "data_poisoning@0:1"], aggregators=["krum"], codecs=[],
                         product=False)
@@ -123,7 +123,7 @@ def test_study_survives_scenarios_without_benign_or_malicious_clients_and_a_torn
 
 
 def test_study_refuses_what_shared_updates_cannot_honour(tmp_path):
-    from fedguard.simulation.aggregator_study import run_aggregator_study
+    from fedguard.recipes.aggregator_study import run_aggregator_study
 
     with pytest.raises(ConfigError, match="lora.variant"):
         run_aggregator_study(_study_config().model_copy(update={"lora": _study_config().lora.model_copy(
@@ -136,7 +136,7 @@ def test_study_refuses_what_shared_updates_cannot_honour(tmp_path):
 def test_study_weighs_the_same_updates_by_every_defense_level(tmp_path):
     """Probe levels and the behaviour audit as rows: clients attach a shadow branch once, each level reads what
     it asked for, and the audit and shadow+audit rows carry the audit's measurements."""
-    from fedguard.simulation.aggregator_study import run_aggregator_study
+    from fedguard.recipes.aggregator_study import run_aggregator_study
 
     cfg = _study_config(scenarios=["data_poisoning@4:1"], aggregators=["fedavg"], codecs=[], product=False,
                         probe_level=False, defense_levels=["step", "shadow", "audit", "shadow+audit"])

@@ -168,6 +168,32 @@ def test_client_data_mixes_refusals_at_the_configured_share(tiny_loaded):
     assert [c.examples for c in clients] == [c.examples for c in again]
 
 
+def test_a_privacy_audit_shapes_only_the_audited_clients_data(tiny_loaded):
+    """The privacy audits hand data assembly what to plant and hold out (privacy.canaries.audited_client): the
+    canaries join the audited client's training data, some of its own examples are held out as non-members, and
+    every other client's data is what it is without the audit, on one node as among everyone."""
+    from conftest import tiny_config
+    from fedguard.data.federation import build_client_data, build_one_client_data
+    from fedguard.privacy.canaries import audited_client
+
+    tok = tiny_loaded[0].tokenizer
+    assert audited_client(tiny_config()) is None
+    cfg = tiny_config(data={"examples_per_client": 20, "refusal_share": 0.0, "max_length": 128},
+                      privacy={"canaries": 2, "canary_repeats": 3, "audit_membership": True, "audit_examples": 4,
+                               "audit_client": 1})
+    audit = audited_client(cfg)
+    assert (audit.client_id, len(audit.planted), audit.held_out) == (1, 6, 4)
+    plain, audited = build_client_data(cfg, tok), build_client_data(cfg, tok, audit)
+    assert audited[1].composition["canary"] == 6 and "canary" not in plain[1].composition
+    assert (len(audited[1].held_out), len(plain[1].held_out)) == (4, 0) and len(audited[1]) == 16 + 6
+    for cid in (0, 2, 3):
+        assert [e.input_ids for e in audited[cid].examples] == [e.input_ids for e in plain[cid].examples]
+        assert not audited[cid].held_out
+    one = build_one_client_data(cfg, tok, 1, audit)
+    assert [e.input_ids for e in one.examples] == [e.input_ids for e in audited[1].examples]
+    assert [e.input_ids for e in one.held_out] == [e.input_ids for e in audited[1].held_out]
+
+
 def test_explicit_partition_reads_per_client_sources(tiny_loaded, tmp_path):
     from conftest import tiny_config
     from fedguard.data.federation import build_client_data

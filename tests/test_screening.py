@@ -10,8 +10,10 @@ from fedguard.federated.aggregation import AGGREGATORS, build_aggregator
 from fedguard.federated.server import FederatedServer
 from fedguard.messages import ClientUpdate, ServerState
 from fedguard.io import read_ndjson
-from fedguard.simulation.runner import METRICS_FILE, run_experiment, screening_summary
-from fedguard.simulation.sweep import _detection, _series
+from fedguard.run_dir import METRICS_FILE
+from fedguard.simulation.metrics import screening_summary
+from fedguard.simulation.runner import run_experiment
+from fedguard.recipes.sweep import _detection, _series
 
 SCREENING_RULES = {"krum", "multikrum", "bulyan", "flame", "dnc", "foolsgold", "lasa"}
 

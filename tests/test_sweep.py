@@ -2,7 +2,7 @@ import pytest
 
 from conftest import tiny_config
 from fedguard.config import ConfigError
-from fedguard.simulation.sweep import cell_config, parse_ratio, run_sweep
+from fedguard.recipes.sweep import cell_config, parse_ratio, run_sweep
 
 
 def test_ratio_parsing():
@@ -105,7 +105,7 @@ def test_sweep_compares_with_benign_only_on_the_same_prompts(tmp_path):
     # Any two finished runs compare the same way; runs evaluated on other prompts are not paired.
     import shutil
 
-    from fedguard.simulation.sweep import compare_runs
+    from fedguard.recipes.sweep import compare_runs
 
     lines = compare_runs(out / "t-2to2-client", out / "t-2to2-none")
     assert lines[0].startswith("t-2to2-client: refusal") and "[" in lines[0]

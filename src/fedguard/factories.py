@@ -11,15 +11,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedguard.alignment import load_start_model
 from fedguard.config import ExperimentConfig, split_level
+from fedguard.data.federation import ClientData, DataTokenizer, sample_examples
+from fedguard.data.readers import load_source
+from fedguard.defenses.audit import BehaviourAudit
+from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
+from fedguard.defenses.defense import Defense, ProbeDefense
+from fedguard.defenses.probe import LoRAProbe
+from fedguard.defenses.realign import REALIGN_CLIENT, ServerRealignment
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import Client, LocalTrainer, MergedBase
 from fedguard.federated.sampling import RoundPlan
 from fedguard.federated.server import FederatedServer
 from fedguard.federated.transport import WireSpec
 from fedguard.messages import AdapterState
-from fedguard.model.loading import LoadedModel, load_base_model
+from fedguard.model.loading import LoadedModel
 from fedguard.model.lora import AdapterSlot, attach_lora
+from fedguard.privacy.accountant import noise_for_epsilon
+from fedguard.privacy.client_dp import AdaptiveClip, ClientLevelDP
 from fedguard.seeding import numpy_rng
 
 log = logging.getLogger("fedguard")
@@ -38,7 +48,7 @@ class Resident:
 
 
 def load_resident(cfg: ExperimentConfig) -> Resident:
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     trainer = LocalTrainer(loaded, peft_model, slot, keep_optimizer_state=cfg.train.optimizer_state == "keep")
     merged = MergedBase(slot) if cfg.lora.variant == "flora" else None
@@ -63,9 +73,6 @@ def build_server(cfg: ExperimentConfig, defense=None, realign=None) -> Federated
 def build_realign(cfg: ExperimentConfig, resident: Resident):
     """Server-side realignment on the server's own safety data (``server.realign``); None when off. Its data is
     the defender's probe split of its sources, like the behaviour audit's, drawn with another seed."""
-    from fedguard.data.federation import ClientData, DataTokenizer
-    from fedguard.defenses.realign import REALIGN_CLIENT, ServerRealignment
-
     r = cfg.server.realign
     if not r.steps:
         return None
@@ -87,9 +94,6 @@ def build_realign(cfg: ExperimentConfig, resident: Resident):
 def _defender_examples(source: str, n: int, seed: int, rng, field: str, keep=None) -> list:
     """``n`` examples of the server's own data: the probe split of ``source`` (disjoint from the federation's training
     and evaluation data), those passing ``keep`` (built-in sources generate 8x the pool to filter from)."""
-    from fedguard.data.federation import sample_examples
-    from fedguard.data.readers import load_source
-
     pool = load_source(source, "probe", n if keep is None else 8 * n, seed)
     return sample_examples(pool if keep is None else [e for e in pool if keep(e)], n, rng, field)
 
@@ -99,8 +103,6 @@ def build_privacy(cfg: ExperimentConfig, plan: RoundPlan):
     p = cfg.privacy
     if p.client_dp == "none":
         return None
-    from fedguard.privacy.accountant import noise_for_epsilon
-    from fedguard.privacy.client_dp import AdaptiveClip, ClientLevelDP
 
     sigma = p.noise_multiplier
     if sigma == "auto":
@@ -132,8 +134,6 @@ def needs_probe(cfg: ExperimentConfig) -> bool:
 
 def probe_dir(cfg: ExperimentConfig, resident: Resident, progress=None) -> tuple[Path, dict[str, Any]]:
     """Where the run's probe is, building and caching it first for ``defense.probe: auto``."""
-    from fedguard.defenses.build import build_probe, default_probe_dir, probe_compat
-
     compat = probe_compat(cfg, resident.loaded, {k: tuple(v.shape) for k, v in resident.theta0.items()})
     if cfg.defense.probe != "auto":
         return Path(cfg.defense.probe), compat
@@ -155,8 +155,6 @@ def ensure_probe(cfg: ExperimentConfig) -> Path | None:
 
 def attacker_probe(cfg: ExperimentConfig, resident: Resident):
     """The probe a simulated probe-aware attacker knows (``attack.probe``, else the server's); None for others."""
-    from fedguard.defenses.probe import LoRAProbe
-
     if cfg.attack.kind not in ("probe_aware", "probe_projection") or not cfg.attack.malicious_clients:
         return None
     if cfg.attack.probe:
@@ -169,9 +167,6 @@ def build_defense(cfg: ExperimentConfig, resident: Resident, progress=None):
     """The defense of ``cfg.defense`` (None for level 'none'), and the probe simulated attackers know:
     ``attack.probe`` when given, else the server's (loaded, or built and cached, when a probe-aware
     attacker needs it even without a defense)."""
-    from fedguard.defenses.defense import Defense, ProbeDefense
-    from fedguard.defenses.probe import LoRAProbe
-
     server_probe, path = None, None
     if needs_probe(cfg):
         path, compat = probe_dir(cfg, resident, progress)
@@ -192,9 +187,6 @@ def build_defense(cfg: ExperimentConfig, resident: Resident, progress=None):
 
 def build_audit(cfg: ExperimentConfig, resident: Resident):
     """The behaviour audit with the server's private prompts: the defender's probe split of its own sources."""
-    from fedguard.data.federation import DataTokenizer
-    from fedguard.defenses.audit import BehaviourAudit
-
     a, loaded = cfg.defense.audit, resident.loaded
     seed = cfg.seed + a.seed + 9_000_011
     tok = DataTokenizer(loaded.tokenizer, cfg)

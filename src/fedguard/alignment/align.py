@@ -19,13 +19,30 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedguard.config import LoraSettings, ModelConfig
+from fedguard.alignment.preference import build_pairs, train_preference
+from fedguard.config import ExperimentConfig, LoraSettings, ModelConfig
+from fedguard.data.federation import ClientData, DataTokenizer
+from fedguard.data.prompts import load_prompts
+from fedguard.data.readers import load_source
+from fedguard.data.tokenize import collate, render_prompt
+from fedguard.evaluation.evaluator import final_answer_matches
+from fedguard.evaluation.generation import generate_batched
+from fedguard.evaluation.refusal import is_refusal
+from fedguard.federated.client import LocalTrainer
+from fedguard.federated.lora_exact import lora_scaling, split_pairs
 from fedguard.io import atomic_write_json, load_tensors, publish_dir, save_tensors
+from fedguard.messages import RoundConfig
+from fedguard.model.fingerprint import folder_fingerprint
+from fedguard.model.loading import LoadedModel, load_base_model
+from fedguard.model.lora import attach_lora
+from fedguard.model.registry import cache_root, file_lock, resolve_model_path
+from fedguard.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +51,6 @@ PEFT_PREFIX = "base_model.model."
 
 
 def aligned_model_dir(cfg: ModelConfig, fingerprint: dict[str, Any]) -> Path:
-    from fedguard.model.registry import cache_root
-
     # the data by content too: a changed built-in corpus is another aligned model, never a stale cache hit
     align = cfg.align.model_dump()
     data = _examples_hash(_alignment_examples(cfg))
@@ -53,10 +68,6 @@ def aligned_model_dir(cfg: ModelConfig, fingerprint: dict[str, Any]) -> Path:
 def ensure_aligned(cfg: ModelConfig) -> Path:
     """The aligned model folder for ``cfg``, built (once, under a lock) when missing. Finding it loads no model:
     the base model is identified by its folder's fingerprint (cached), and loaded only to build."""
-    from fedguard.model.fingerprint import folder_fingerprint
-    from fedguard.model.loading import load_base_model
-    from fedguard.model.registry import cache_root, file_lock, resolve_model_path
-
     base_path = resolve_model_path(cfg.name_or_path)
     out = aligned_model_dir(cfg, folder_fingerprint(base_path, cache_root() / "fingerprints", cfg.trust_remote_code))
     if (out / "config.json").is_file():
@@ -64,10 +75,21 @@ def ensure_aligned(cfg: ModelConfig) -> Path:
     with file_lock(out.parent.parent / "locks" / f"{out.name}.lock"):
         if not (out / "config.json").is_file():
             if cfg.align.preference_steps:  # on top of the supervised stage, built (and cached) first
-                build_preferred(cfg, load_base_model(supervised_only(cfg).model_copy(update={"aligned": True})), out)
+                build_preferred(cfg, load_base_model(cfg, str(ensure_aligned(supervised_only(cfg)))), out)
             else:
-                build_aligned(cfg, load_base_model(cfg.model_copy(update={"aligned": False})), out)
+                build_aligned(cfg, load_base_model(cfg, base_path), out)
     return out
+
+
+def start_model_path(cfg: ModelConfig) -> str:
+    """Where a run's model starts: the aligned model folder when ``model.aligned`` (built on first use), else the
+    base model."""
+    return str(ensure_aligned(cfg)) if cfg.aligned else resolve_model_path(cfg.name_or_path)
+
+
+def load_start_model(cfg: ModelConfig) -> LoadedModel:
+    """A run's starting model (``start_model_path``), loaded once: what every run, probe and client assembles on."""
+    return load_base_model(cfg, start_model_path(cfg))
 
 
 def _examples_hash(examples) -> str:
@@ -79,8 +101,6 @@ def _examples_hash(examples) -> str:
 
 def _alignment_parts(cfg: ModelConfig) -> tuple[list, list, list]:
     """(refusal pairs without the held-out categories, benign look-alikes, other benign data)."""
-    from fedguard.data.readers import load_source
-
     a = cfg.align
     n_ref = int(round(a.examples * a.refusal_share))
     held = set(a.holdout_categories)
@@ -98,8 +118,6 @@ def _preference_examples(cfg: ModelConfig) -> tuple[list, list, list]:
     """The preference phase's sources: the supervised phase's refusal pairs and look-alikes (``preference_
     lookalike_share`` of the pairs), and compliance answers to the same harmful tasks (the rejected side of harmful
     requests; held-out categories excluded as everywhere in alignment)."""
-    from fedguard.data.readers import load_source
-
     refusals, lookalike, _ = _alignment_parts(cfg)
     held = set(cfg.align.holdout_categories)
     compliances = [e for e in load_source("builtin:harmful-compliance", "train", 4 * len(refusals), cfg.align.seed)
@@ -111,8 +129,6 @@ def _preference_examples(cfg: ModelConfig) -> tuple[list, list, list]:
 def _alignment_examples(cfg: ModelConfig) -> list:
     """The alignment mix, in training order: refusal pairs (held-out categories excluded) and benign data of
     which ``lookalike_share`` is safety-adjacent."""
-    from fedguard.seeding import numpy_rng
-
     a = cfg.align
     refusals, lookalike, other = _alignment_parts(cfg)
     mixed = refusals + lookalike + other
@@ -121,11 +137,6 @@ def _alignment_examples(cfg: ModelConfig) -> list:
 
 
 def _alignment_data(cfg: ModelConfig, tokenizer):
-    from collections import Counter
-
-    from fedguard.config import ExperimentConfig
-    from fedguard.data.federation import ClientData, DataTokenizer
-
     examples = _alignment_examples(cfg)
     tok = DataTokenizer(tokenizer, ExperimentConfig(data={"max_length": cfg.align.max_length}))
     kinds = Counter("refusal" if e.kind != "benign" else "safety_adjacent" if e.domain == "safety_adjacent"
@@ -135,8 +146,6 @@ def _alignment_data(cfg: ModelConfig, tokenizer):
 
 def _eval_sets(cfg: ModelConfig) -> dict[str, list]:
     """Prompt sets the alignment never trained on."""
-    from fedguard.data.prompts import load_prompts
-
     a, n, seed = cfg.align, cfg.align.eval_prompts, cfg.align.seed + 1_000_003
     held = set(a.holdout_categories)
     heldout_tasks = load_prompts("builtin:harmful-prompts", 12 * n, seed)
@@ -150,11 +159,6 @@ def _eval_sets(cfg: ModelConfig) -> dict[str, list]:
 
 
 def evaluate_alignment(loaded, model, slot, loss_fn, adapter, sets: dict[str, list], loss_examples) -> dict[str, Any]:
-    from fedguard.data.tokenize import render_prompt
-    from fedguard.evaluation.evaluator import final_answer_matches
-    from fedguard.evaluation.generation import generate_batched
-    from fedguard.evaluation.refusal import is_refusal
-
     slot.load(adapter)
     out: dict[str, Any] = {}
     for name, examples in sets.items():
@@ -169,8 +173,6 @@ def evaluate_alignment(loaded, model, slot, loss_fn, adapter, sets: dict[str, li
         out[name] = {"refusal_rate": 100.0 * sum(refused) / len(refused), "n": len(refused),
                      "samples": [{"prompt": e.prompt_text, "response": r} for e, r in zip(examples, responses)][:4]}
     if loss_examples:
-        from fedguard.data.tokenize import collate
-
         total, count = 0.0, 0
         model.eval()
         with torch.inference_mode():
@@ -184,8 +186,6 @@ def evaluate_alignment(loaded, model, slot, loss_fn, adapter, sets: dict[str, li
 
 def _merge_into_base(base_dir: Path, adapter: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """The base model's stored tensors with scaling * B @ A added to every LoRA module, in fp32."""
-    from fedguard.federated.lora_exact import split_pairs
-
     files = sorted(base_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{base_dir} has no safetensors weights to merge the alignment into")
@@ -203,14 +203,6 @@ def _merge_into_base(base_dir: Path, adapter: dict[str, torch.Tensor], scaling: 
 
 def build_aligned(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
     """Train, evaluate and save the aligned model for ``cfg`` into ``out``; returns the report."""
-    from fedguard.config import ExperimentConfig
-    from fedguard.data.federation import DataTokenizer
-    from fedguard.data.readers import load_source
-    from fedguard.federated.client import LocalTrainer
-    from fedguard.federated.lora_exact import lora_scaling
-    from fedguard.messages import RoundConfig
-    from fedguard.model.lora import attach_lora
-
     a = cfg.align
     t0 = time.perf_counter()
     settings = LoraSettings(r=a.r, alpha=a.alpha, dropout=0.05, target_modules=list(a.target_modules), init_seed=a.seed)
@@ -268,14 +260,6 @@ def supervised_only(cfg: ModelConfig) -> ModelConfig:
 def build_preferred(cfg: ModelConfig, loaded, out: Path) -> dict[str, Any]:
     """The preference phase on top of the supervised aligned model ``loaded`` (its folder holds that stage's
     report): a fresh LoRA trained with DPO against the supervised model itself as reference, merged into it."""
-    from fedguard.alignment.preference import build_pairs, train_preference
-    from fedguard.config import ExperimentConfig
-    from fedguard.data.federation import DataTokenizer
-    from fedguard.data.readers import load_source
-    from fedguard.federated.client import LocalTrainer
-    from fedguard.federated.lora_exact import lora_scaling
-    from fedguard.model.lora import attach_lora
-
     a = cfg.align
     t0 = time.perf_counter()
     supervised = json.loads((Path(loaded.path) / REPORT_FILE).read_text(encoding="utf-8"))

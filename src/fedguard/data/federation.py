@@ -10,10 +10,10 @@ import numpy as np
 
 from fedguard.config import ExperimentConfig
 from fedguard.data.partition import partition_dirichlet, partition_iid
+from fedguard.data.prompts import load_checkable_prompts, load_prompts
 from fedguard.data.readers import load_source
 from fedguard.data.schema import DataError, Example
 from fedguard.data.tokenize import TokenizedExample, tokenize_example
-from fedguard.privacy.canaries import canary_examples, run_canaries
 from fedguard.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,17 @@ class ClientData:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+@dataclass(frozen=True)
+class AuditedClient:
+    """How a privacy audit shapes one client's data (``fedguard.privacy.canaries.audited_client`` builds it from the
+    config): ``planted`` examples join its training data (the canaries), and up to ``held_out`` of its own
+    examples (at most half) are kept out of training as the membership audit's non-members."""
+
+    client_id: int
+    planted: tuple[Example, ...] = ()
+    held_out: int = 0
 
 
 @dataclass
@@ -75,20 +86,22 @@ class DataTokenizer:
         return out
 
 
-def build_client_data(cfg: ExperimentConfig, tokenizer) -> list[ClientData]:
-    """Every client's local data, in client order."""
-    return _build_clients(cfg, tokenizer, range(cfg.federation.num_clients))
+def build_client_data(cfg: ExperimentConfig, tokenizer, audited: AuditedClient | None = None) -> list[ClientData]:
+    """Every client's local data, in client order; ``audited``: the client a privacy audit plants in or holds
+    out from (None: no audit)."""
+    return _build_clients(cfg, tokenizer, range(cfg.federation.num_clients), audited)
 
 
-def build_one_client_data(cfg: ExperimentConfig, tokenizer, client_id: int) -> ClientData:
+def build_one_client_data(cfg: ExperimentConfig, tokenizer, client_id: int,
+                          audited: AuditedClient | None = None) -> ClientData:
     """One client's local data, identical to its entry in ``build_client_data`` but tokenising only its own
     examples (what a node of a real deployment builds)."""
     if not 0 <= client_id < cfg.federation.num_clients:
         raise ValueError(f"client {client_id} is not one of the federation's {cfg.federation.num_clients} clients")
-    return _build_clients(cfg, tokenizer, [client_id])[0]
+    return _build_clients(cfg, tokenizer, [client_id], audited)[0]
 
 
-def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids) -> list[ClientData]:
+def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids, audited: AuditedClient | None) -> list[ClientData]:
     d, n_clients = cfg.data, cfg.federation.num_clients
     wanted_ids = list(wanted_ids)
     rng = numpy_rng(cfg.seed, "partition")
@@ -122,12 +135,11 @@ def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids) -> list[ClientD
     for cid in wanted_ids:
         n_ref = wanted[cid][1]
         own, held = per_client[cid], []
-        if cfg.privacy.audit_membership and cid == cfg.privacy.audit_client:  # never trained on: non-members
-            keep = max(len(own) - cfg.privacy.audit_examples, len(own) // 2)
+        audit = audited if audited is not None and audited.client_id == cid else AuditedClient(cid)
+        if audit.held_out:  # never trained on: non-members
+            keep = max(len(own) - audit.held_out, len(own) // 2)
             own, held = own[:keep], own[keep:]
-        mixed = own + refusal_pool[offsets[cid]: offsets[cid] + n_ref]
-        if cfg.privacy.canaries and cid == cfg.privacy.audit_client:  # the canary audit's secrets, planted
-            mixed += canary_examples(run_canaries(cfg), cfg.privacy.canary_repeats)
+        mixed = own + refusal_pool[offsets[cid]: offsets[cid] + n_ref] + list(audit.planted)
         order = numpy_rng(cfg.seed, "client-order", cid).permutation(len(mixed))
         mixed = [mixed[i] for i in order]
         examples = tok(mixed)
@@ -143,7 +155,6 @@ def _build_clients(cfg: ExperimentConfig, tokenizer, wanted_ids) -> list[ClientD
 def build_eval_data(cfg: ExperimentConfig, tokenizer) -> EvalData:
     e = cfg.eval
     seed = cfg.seed + 1_000_003  # evaluation draws never coincide with training draws
-    from fedguard.data.prompts import load_checkable_prompts, load_prompts
 
     harmful = load_prompts(e.harmful_source, e.harmful_prompts, seed) if e.harmful_prompts else []
     overrefusal = load_prompts(e.overrefusal_source, e.overrefusal_prompts, seed, "benign") \

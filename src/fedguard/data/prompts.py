@@ -12,22 +12,12 @@ import json
 from importlib import resources
 
 from fedguard.data.builtin import BUILTIN_SOURCES
-from fedguard.data.readers import load_source, read_rows
+from fedguard.data.readers import EVALSETS, load_source, read_rows
 from fedguard.data.schema import DataError, Example, chat
 from fedguard.seeding import numpy_rng
 
-# name -> (file in fedguard/data/evalsets, example kind)
-EVALSETS = {
-    "builtin:harmful-heldout": ("harmful_heldout.jsonl", "harmful_prompt"),
-    "builtin:overrefusal": ("overrefusal.jsonl", "benign"),
-    "builtin:benign-heldout": ("benign_instructions.jsonl", "benign"),
-}
 PROMPT_KEYS = ("prompt", "goal", "instruction", "question", "behavior", "Behavior")
 ANSWER_KEYS = ("answer", "target_answer", "reference")  # a checkable prompt's reference answer
-
-
-def is_evalset(source: str) -> bool:
-    return source in EVALSETS
 
 
 def _evalset(source: str) -> list[Example]:

@@ -18,6 +18,19 @@ from typing import Any
 from fedguard.data.builtin import BUILTIN_SOURCES, split_of
 from fedguard.data.schema import ROLES, DataError, Example, chat
 
+# The evaluation sets shipped with fedguard (``fedguard.data.prompts`` reads them), refused here as any other
+# source: name -> (file in fedguard/data/evalsets, example kind)
+EVALSETS = {
+    "builtin:harmful-heldout": ("harmful_heldout.jsonl", "harmful_prompt"),
+    "builtin:overrefusal": ("overrefusal.jsonl", "benign"),
+    "builtin:benign-heldout": ("benign_instructions.jsonl", "benign"),
+}
+
+
+def is_evalset(source: str) -> bool:
+    return source in EVALSETS
+
+
 # Rows of a user file are split by a hash of their prompt (or group): 5% held out for evaluation, 20% reserved
 # for the defender's probe (so a file that serves both the federation and the probe never shares a row), the
 # rest for training.
@@ -189,8 +202,6 @@ def load_source(source: str, split: str | None, size: int, seed: int) -> list[Ex
     if source in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[source](seed, size, split)
     if source.startswith("builtin:"):
-        from fedguard.data.prompts import is_evalset
-
         if is_evalset(source):
             raise DataError(f"'{source}' is an evaluation-only prompt set; it never serves as training, alignment "
                             "or probe data")

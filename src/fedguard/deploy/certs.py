@@ -21,9 +21,10 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedguard.identity import CLIENT_ID_RULE, is_client_id
 
 VALID_DAYS = 365
 
@@ -150,9 +151,6 @@ def write_node_key(path: str | Path) -> Path:
 
 
 # a client id that is safe as a file name, a certificate CN and a DNS SAN
-_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
 def make_client_cert(creds: Credentials, client_id: str, valid_days: int = VALID_DAYS) -> tuple[Path, Path]:
     """A TLS client certificate for ``client_id`` signed by the federation's CA (``creds.ca_key`` must be
     present: run where the CA lives). CN and DNS SAN are the client id, so a server can bind the TLS identity to
@@ -161,8 +159,8 @@ def make_client_cert(creds: Credentials, client_id: str, valid_days: int = VALID
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if not _CLIENT_ID.fullmatch(client_id):
-        raise ValueError(f"client id {client_id!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
+    if not is_client_id(client_id):
+        raise ValueError(f"client id {client_id!r}: use {CLIENT_ID_RULE}")
     pem = serialization.Encoding.PEM
     ca = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
     ca_key = serialization.load_pem_private_key(creds.ca_key.read_bytes(), password=None)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedguard.deploy.certs import make_credentials
 from fedguard.flower import OFFLINE_ENV
 
 log = logging.getLogger("fedguard")
@@ -206,8 +207,6 @@ class Deployment:
 def local(config_yaml: str, run_dir: Path, workdir: Path, nodes: int, port: int = 9093) -> int:
     """Everything on this machine: credentials, SuperLink, node registration, ``nodes`` SuperNodes, the run;
     then every process is stopped. Returns ``flwr run``'s exit status."""
-    from fedguard.deploy.certs import make_credentials
-
     creds = make_credentials(Path(workdir) / "credentials", nodes)
     dep = Deployment(Path(workdir), creds.ca_cert, superlink=f"127.0.0.1:{port}")
     try:

@@ -18,6 +18,8 @@ from fedguard.data.federation import EvalData
 from fedguard.data.tokenize import collate, render_prompt
 from fedguard.evaluation.generation import generate_batched
 from fedguard.evaluation.refusal import is_refusal, judge, keyword_refusal
+from fedguard.io import atomic_write_json
+from fedguard.model.registry import cache_root
 
 log = logging.getLogger(__name__)
 _PUNCT_EDGES = re.compile(r"^[\s\"'`.,;:!?()\[\]]+|[\s\"'`.,;:!?()\[\]]+$")
@@ -181,8 +183,6 @@ _CACHE_VERSION = 1
 
 
 def _cache_file(key: str):
-    from fedguard.model.registry import cache_root
-
     return cache_root() / "evals" / f"{key}.json"
 
 
@@ -197,8 +197,6 @@ def _read_cached(key: str) -> dict[str, Any] | None:
 
 
 def _write_cached(key: str, outputs: dict[str, Any]) -> None:
-    from fedguard.io import atomic_write_json
-
     path = _cache_file(key)
     try:  # a cache: failing to write it costs time later, never the run
         path.parent.mkdir(parents=True, exist_ok=True)

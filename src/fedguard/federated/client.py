@@ -26,6 +26,7 @@ import torch
 
 from fedguard.data.federation import ClientData
 from fedguard.data.tokenize import Batch, collate
+from fedguard.federated.batches import batch_plan, sample_rate
 from fedguard.federated.compression import ErrorFeedback
 from fedguard.federated.lora_exact import lora_scaling, merge_delta, reinit_adapter
 from fedguard.federated.transport import WireSpec, encode_update
@@ -33,9 +34,9 @@ from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundCon
 from fedguard.model.keys import is_lora_a
 from fedguard.model.loading import LoadedModel
 from fedguard.model.lora import AdapterSlot, embed_rank
+from fedguard.privacy.accountant import epsilon
 from fedguard.privacy.client_dp import privatize_update
-from fedguard.federated.batches import batch_plan, sample_rate
-from fedguard.privacy.dpsgd import empty_step
+from fedguard.privacy.dpsgd import PrivateSteps, empty_step
 from fedguard.seeding import derive_seed, torch_generator
 
 
@@ -182,8 +183,6 @@ class LocalTrainer:
 
     def _private(self):
         if self.private_steps is None:
-            from fedguard.privacy.dpsgd import PrivateSteps
-
             self.private_steps = PrivateSteps(self.model)
         return self.private_steps
 
@@ -386,8 +385,6 @@ class ClientState:
 
     def account_dpsgd(self, metrics: Mapping[str, float], delta: float) -> float:
         """Add one round of DP-SGD (from the trainer's metrics) to the history; the client's epsilon so far."""
-        from fedguard.privacy.accountant import epsilon
-
         row = torch.tensor([[metrics["dpsgd_sample_rate"], metrics["dpsgd_noise_multiplier"],
                              metrics["dpsgd_steps"]]], dtype=torch.float64)
         self.dpsgd = row if self.dpsgd is None else torch.cat([self.dpsgd, row])

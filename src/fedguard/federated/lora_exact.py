@@ -46,6 +46,7 @@ import torch
 
 from fedguard.aggregators.base import normalised
 from fedguard.model.keys import AdapterState, a_key, b_key, is_lora_a, module_of
+from fedguard.model.lora import initial_adapter_state
 
 Float = float | int
 
@@ -436,8 +437,6 @@ def reinit_adapter(shapes: Mapping[str, Sequence[int]], rank: int, seed: int, *,
     is the shapes' rank. FLoRA re-initialises every round: derive the seed from the round so rounds
     differ but runs repeat.
     """
-    from fedguard.model.lora import initial_adapter_state
-
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
     modules: dict[str, tuple[int, int]] = {}

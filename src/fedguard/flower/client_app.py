@@ -20,8 +20,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedguard.config import ExperimentConfig
-from fedguard.flower import records
+from fedguard.config import ExperimentConfig, build_config
+from fedguard.data.federation import ClientData, DataTokenizer, build_one_client_data, sample_examples
+from fedguard.data.readers import load_source
+from fedguard.factories import attacker_probe, build_client, load_resident
+from fedguard.flower import records, secagg
+from fedguard.privacy.canaries import audited_client
+from fedguard.seeding import numpy_rng
+from fedguard.simulation.population import build_population
 
 log = logging.getLogger("fedguard")
 
@@ -43,7 +49,6 @@ _PROCESSES: dict[str, _Process] = {}
 def config_from_context(context) -> ExperimentConfig:
     import yaml
 
-    from fedguard.config import build_config
 
     text = context.run_config.get("config")
     if not isinstance(text, str) or not text.strip():
@@ -64,8 +69,6 @@ def client_id_of(context, cfg: ExperimentConfig) -> int:
 def _process(cfg: ExperimentConfig) -> _Process:
     key = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()
     if key not in _PROCESSES:
-        from fedguard.factories import attacker_probe, build_client, load_resident
-
         resident = load_resident(cfg)
         _PROCESSES[key] = _Process(resident, build_client(cfg, resident), attacker_probe(cfg, resident))
     return _PROCESSES[key]
@@ -74,8 +77,6 @@ def _process(cfg: ExperimentConfig) -> _Process:
 def _role(proc: _Process, cfg: ExperimentConfig, cid: int, context):
     """This client's data and role: honest, or (simulation only, from ``attack.*``) an attacker's."""
     if cid not in proc.roles:
-        from fedguard.simulation.population import build_population
-
         tokenizer = proc.resident.loaded.tokenizer
         data = {cid: _node_data(cfg, tokenizer, cid, context)}
         population = build_population(cfg, tokenizer, data, proc.attacker_probe)
@@ -86,14 +87,9 @@ def _role(proc: _Process, cfg: ExperimentConfig, cid: int, context):
 
 def _node_data(cfg: ExperimentConfig, tokenizer, cid: int, context):
     """The node's own file (``data-path`` in its node config) or its partition of the configured data."""
-    from fedguard.data.federation import build_one_client_data
-
     path = context.node_config.get("data-path")
     if not path:
-        return build_one_client_data(cfg, tokenizer, cid)
-    from fedguard.data.federation import ClientData, DataTokenizer, sample_examples
-    from fedguard.data.readers import load_source
-    from fedguard.seeding import numpy_rng
+        return build_one_client_data(cfg, tokenizer, cid, audited_client(cfg))
 
     n = cfg.data.examples_per_client
     rows = load_source(str(path), None, n, cfg.seed)  # the site's own file: every row is its training data
@@ -108,7 +104,6 @@ def client_app(cfg: ExperimentConfig | None = None):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
-    from fedguard.flower import secagg
 
     app = ClientApp()
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 from fedguard.federated.client import ClientState
+from fedguard.federated.server import REASON_CHARS
 from fedguard.messages import ClientUpdate, Instructions, RoundConfig
 
 # RecordDict keys
@@ -168,3 +169,17 @@ def record_nbytes(record) -> int:
         return int(record.count_bytes())
     except (ValueError, IndexError):
         return len(record.deflate())
+
+
+# -- replies: whose, and why they failed ------------------------------------------------------------------
+def addressee(reply, asked: dict[str, int]) -> int:
+    """The node a reply answers for: the one its message was sent to. Flower's own error replies (a node that
+    stopped answering, code 5) come from the SuperLink, not the node, so the message id decides."""
+    return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def error_reason(reply) -> str:
+    """A node's error, cut to its last characters (a traceback's last line says what went wrong)."""
+    err = reply.error
+    text = " ".join(str(err.reason or "").split())
+    return f"code {err.code}: {'...' if len(text) > REASON_CHARS else ''}{text[-REASON_CHARS:]}"

@@ -41,9 +41,12 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.strategy import Strategy
 
+from fedguard.engine import Replies
+from fedguard.federated.transport import WireSpec
 from fedguard.flower import records
 from fedguard.messages import UpdateSum
-from fedguard.privacy.secagg import client_vector, sum_from_vector
+from fedguard.privacy.secagg import client_vector, round_settings, sum_from_vector
+from fedguard.seeding import derive_seed, numpy_rng
 
 log = logging.getLogger("fedguard")
 
@@ -58,8 +61,6 @@ class SimulatedDropout(RuntimeError):
 # -- the vector a client contributes (the embedded engine's layout: fedguard.privacy.secagg.secure_round_sum) ---
 def quantize_seed(seed: int, server_round: int, client_id: str) -> int:
     """The seed of a client's stochastic rounding in a round: the embedded engine's (SecAggClient)."""
-    from fedguard.seeding import derive_seed
-
     return derive_seed(derive_seed(seed, "secagg", server_round), "secagg-quantize", str(client_id))
 
 
@@ -170,8 +171,6 @@ class MeteredGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
-        from fedguard.flower.server_app import _addressee, _reason
-
         messages = list(messages)
         if not messages:
             return list(self.grid.send_and_receive(messages, timeout=timeout))
@@ -190,10 +189,10 @@ class MeteredGrid:
         errors = self.errors.setdefault(stage, {})
         answered = set()
         for reply in replies:
-            node = _addressee(reply, asked)
+            node = records.addressee(reply, asked)
             answered.add(node)
             if reply.has_error():
-                errors[node] = _reason(reply)
+                errors[node] = records.error_reason(reply)
                 continue
             n = records.message_nbytes(reply.content)
             self.protocol_up += n
@@ -278,10 +277,6 @@ def secure_exchange(grid, cfg, roster: dict[str, int], server_round: int, instru
     ``Replies`` with no messages, the sum in ``summed`` (see the module's docstring)."""
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    from fedguard.federated.transport import WireSpec
-    from fedguard.privacy.secagg import round_settings
-    from fedguard.seeding import numpy_rng
-    from fedguard.simulation.runner import Replies
 
     p = cfg.privacy
     replies = Replies([], {})

@@ -18,19 +18,20 @@ import time
 from pathlib import Path
 
 from fedguard.config import ExperimentConfig
+from fedguard.engine import Replies
 from fedguard.flower import records
+from fedguard.flower.client_app import config_from_context
+from fedguard.flower.secagg import secure_exchange
+from fedguard.simulation.population import build_population
+from fedguard.simulation.runner import run_experiment
 
 log = logging.getLogger("fedguard")
 
-REASON_CHARS = 300  # a node's error text is cut to this in the run's logs
-
-
 class FlowerClients:
-    """An engine's client side over a Flower ``Grid`` (see ``simulation.runner.EmbeddedClients``)."""
+    """An engine's client side (``fedguard.engine.ClientSide``) over a Flower ``Grid``; the embedded one is
+    ``simulation.embedded.EmbeddedClients``."""
 
     def __init__(self, grid, cfg: ExperimentConfig, resident, attacker_probe):
-        from fedguard.simulation.population import build_population
-
         self.grid, self.cfg = grid, cfg
         # ground truth from the config's attack section: used for detection metrics only, never by the server
         self.population = build_population(cfg, resident.loaded.tokenizer, {}, attacker_probe)
@@ -56,9 +57,9 @@ class FlowerClients:
         replies = list(self.grid.send_and_receive(queries, timeout=f.node_wait))
         asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
         for reply in replies:
-            node = _addressee(reply, asked)
+            node = records.addressee(reply, asked)
             if reply.has_error():
-                log.warning("node %s did not say which client it is: %s", node, _reason(reply))
+                log.warning("node %s did not say which client it is: %s", node, records.error_reason(reply))
                 continue
             try:
                 cid = str(int(reply.content[records.META]["client_id"]))
@@ -77,12 +78,10 @@ class FlowerClients:
     def exchange(self, server_round: int, instructions, progress):
         from flwr.app import Message
 
-        from fedguard.simulation.runner import Replies
 
         if not self.roster:
             self.enroll()
         if self.cfg.privacy.secure_aggregation != "none":  # Flower's SecAgg+: the server gets only the sum
-            from fedguard.flower.secagg import secure_exchange
 
             return secure_exchange(self.grid, self.cfg, self.roster, server_round, instructions, progress)
         replies = Replies([], {})
@@ -101,18 +100,18 @@ class FlowerClients:
         answers = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.federation.round_timeout))
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing}
         for reply in answers:
-            cid = sent.get(_addressee(reply, asked))
+            cid = sent.get(records.addressee(reply, asked))
             if cid is None or cid in replies.metrics or cid in replies.failed:
                 log.warning("round %d: dropped a reply from node %s (not asked, or a second reply)", server_round,
                             reply.metadata.src_node_id)
                 continue
             if reply.has_error():
-                replies.failed[cid] = f"node_error: {_reason(reply)}"
+                replies.failed[cid] = f"node_error: {records.error_reason(reply)}"
                 continue
             try:
                 update = records.update_from_reply(reply.content, cid)
             except Exception as exc:  # noqa: BLE001 - whatever a node sends, the round goes on
-                replies.failed[cid] = f"malformed: {type(exc).__name__}: {str(exc)[:REASON_CHARS]}"
+                replies.failed[cid] = f"malformed: {type(exc).__name__}: {str(exc)[:records.REASON_CHARS]}"
                 continue
             replies.transport[cid]["up"] = records.message_nbytes(reply.content)
             replies.messages.append(update)
@@ -138,26 +137,11 @@ class FlowerClients:
             log.warning("the checkpoint holds client state of an embedded run; Flower nodes keep their own")
 
 
-def _addressee(reply, asked: dict[str, int]) -> int:
-    """The node a reply answers for: the one its message was sent to. Flower's own error replies (a node that
-    stopped answering, code 5) come from the SuperLink, not the node, so the message id decides."""
-    return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
-
-def _reason(reply) -> str:
-    """A node's error, cut to its last characters (a traceback's last line says what went wrong)."""
-    err = reply.error
-    text = " ".join(str(err.reason or "").split())
-    return f"code {err.code}: {'...' if len(text) > REASON_CHARS else ''}{text[-REASON_CHARS:]}"
-
-
 def server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = None, outcome: dict | None = None):
     """A ``ServerApp`` running ``cfg`` into ``run_dir`` (None: both from the run config, ``config`` = the YAML
     text and ``run-dir``); ``outcome`` receives the ``RunResult`` or the exception."""
     from flwr.serverapp import ServerApp
 
-    from fedguard.flower.client_app import config_from_context
-    from fedguard.simulation.runner import run_experiment
 
     app = ServerApp()
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from fedguard.config import ExperimentConfig
 from fedguard.flower import quiet_flower
+from fedguard.flower.client_app import client_app
+from fedguard.flower.server_app import server_app
+from fedguard.run_dir import new_run_dir
 
 log = logging.getLogger("fedguard")
 
@@ -29,9 +32,6 @@ def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path | None = None):
     quiet_flower()
     from flwr.simulation import run_simulation
 
-    from fedguard.flower.client_app import client_app
-    from fedguard.flower.server_app import server_app
-    from fedguard.simulation.runner import new_run_dir
 
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     outcome: dict = {}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fedguard.io import atomic_write_json
+from fedguard.model.tokenizer import load_tokenizer
 
 _CONFIG_NOISE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache")
 
@@ -86,8 +87,6 @@ def folder_fingerprint(path: str | Path, cache_dir: Path | None = None, trust_re
     """``LoadedModel.fingerprint`` of a model folder without loading its weights into a model (config and
     tokenizer only; the weight hash is read from the files, or from the cache)."""
     from transformers import AutoConfig
-
-    from fedguard.model.loading import load_tokenizer
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     return {"name": config.name_or_path or str(path),

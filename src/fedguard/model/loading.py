@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from fedguard.config import ModelConfig
-from fedguard.model.registry import resolve_model_path
-from fedguard.model.tiny import CHATML_TEMPLATE
+from fedguard.model.fingerprint import model_fingerprint
+from fedguard.model.registry import cache_root, resolve_model_path
+from fedguard.model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,6 @@ class LoadedModel:
         """Identifies the base model by content (architecture, tokenizer, weights; ``name`` is for people):
         computed once per process, the weight hash cached on disk."""
         if self._fingerprint is None:
-            from fedguard.model.fingerprint import model_fingerprint
-            from fedguard.model.registry import cache_root
-
             self._fingerprint = {"name": self.model.config.name_or_path or self.path,
                                  **model_fingerprint(self.model.config, self.tokenizer, self.path,
                                                      cache_root() / "fingerprints")}
@@ -99,20 +97,13 @@ def resolve_precision(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The model's tokenizer with a pad token and a chat template (ChatML where the model has none)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        log.warning("%s has no chat template; using ChatML", path)
-        tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
-
-def load_base_model(cfg: ModelConfig) -> LoadedModel:
+def load_base_model(cfg: ModelConfig, path: str | None = None) -> LoadedModel:
+    """The model at ``path`` (default: ``cfg.name_or_path``, resolved), loaded with ``cfg``'s device, precision and
+    attention settings. Which model a run starts from (``model.aligned``) is decided by whoever assembles the run
+    (``fedguard.alignment.load_start_model``), never here."""
+    if cfg.aligned and path is None:
+        raise ValueError("model.aligned is set: load the run's starting model with "
+                         "fedguard.alignment.load_start_model, or pass the path to load")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -123,11 +114,7 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     if device.type == "cpu":
         tune_cpu_allocator()
     compute_dtype = resolve_precision(cfg, device)
-    path = resolve_model_path(cfg.name_or_path)
-    if cfg.aligned:  # the safety-aligned starting model, built and cached on first use
-        from fedguard.alignment.align import ensure_aligned
-
-        path = str(ensure_aligned(cfg))
+    path = str(path) if path is not None else resolve_model_path(cfg.name_or_path)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     # The frozen base is stored in the compute dtype, so no per-step weight casts happen; the LoRA
     # parameters stay fp32 (master weights) and matmuls run under autocast.

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedguard.io import publish_dir
+from fedguard.model.tiny import build_tiny_llama
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def resolve_model_path(name_or_path: str) -> str:
         gguf = _gguf_path(package, filename)
         return str(_cached_folder(name_or_path, lambda out: _convert_gguf(gguf, hub_id, out)))
     if name_or_path == TINY_MODEL:
-        from fedguard.model.tiny import build_tiny_llama
-
         return str(_cached_folder(TINY_MODEL, build_tiny_llama))
     p = Path(name_or_path).expanduser()
     if p.exists():

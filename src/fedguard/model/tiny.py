@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fedguard.data.builtin import benign_pool, harmful_pool
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -21,8 +23,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _training_text() -> list[str]:
-    from fedguard.data.builtin import benign_pool, harmful_pool
-
     texts = []
     for ex in benign_pool(seed=0, size=1500) + harmful_pool(seed=0, size=600, responses="both"):
         texts.extend(m["content"] for m in ex.messages)

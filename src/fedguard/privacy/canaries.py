@@ -37,8 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from fedguard.config import DataConfig
+from fedguard.data.federation import AuditedClient
 from fedguard.data.schema import Example, chat
 from fedguard.data.tokenize import TokenizedExample, render_prompt, tokenize_example
+from fedguard.evaluation.generation import generate_batched
+from fedguard.privacy.audits import example_losses
 from fedguard.seeding import numpy_rng
 
 FIRST_NAMES = ("Ines", "Tomasz", "Amara", "Kenji", "Lucia", "Oskar", "Priya", "Mateo", "Freya", "Dmitri", "Aisha",
@@ -108,6 +112,17 @@ def run_canaries(cfg) -> list[Canary]:
     return make_canaries(p.canaries, cfg.seed, p.canary_candidates)
 
 
+def audited_client(cfg) -> AuditedClient | None:
+    """How the run's privacy audits shape client ``privacy.audit_client``'s data: its canaries planted
+    (``privacy.canaries``, each ``canary_repeats`` times) and ``audit_examples`` of its own examples held out
+    (``privacy.audit_membership``). None when neither audit is on."""
+    p = cfg.privacy
+    if not (p.canaries or p.audit_membership):
+        return None
+    planted = tuple(canary_examples(run_canaries(cfg), p.canary_repeats)) if p.canaries else ()
+    return AuditedClient(p.audit_client, planted, p.audit_examples if p.audit_membership else 0)
+
+
 def canary_examples(canaries: list[Canary], repeats: int) -> list[Example]:
     """What to insert into one client's raw training examples (before tokenisation): each canary ``repeats``
     times, as request -> secret. Tokenise them with the client's data (``DataTokenizer(tokenizer, cfg)``)
@@ -133,8 +148,6 @@ def _rank(losses: np.ndarray, index: int) -> float:
 def _data_settings(data) -> tuple[int, str, str | None]:
     """(max_length, truncation, system_prompt) of a ``DataConfig``; None: the defaults, no system prompt."""
     if data is None:
-        from fedguard.config import DataConfig
-
         data = DataConfig()
     return data.max_length, data.truncation, data.system_prompt
 
@@ -156,9 +169,6 @@ def _normalised(text: str) -> str:
 
 
 def _measure(resident, adapter, canaries, tokenized, prompts, max_new_tokens, batch_size) -> dict[str, Any]:
-    from fedguard.evaluation.generation import generate_batched
-    from fedguard.privacy.audits import example_losses
-
     nll = example_losses(resident, adapter, tokenized, batch_size, reduction="sum")
     ranks, exposures, secret_nll, start = [], [], [], 0
     for c in canaries:

@@ -66,6 +66,8 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from fedguard.aggregators.base import AdapterLayout
+from fedguard.messages import UpdateSum
 from fedguard.seeding import derive_seed, numpy_rng
 
 PublicKeys = tuple[bytes, bytes]  # (pk1: pairwise masks, pk2: encrypting shares), PEM bytes
@@ -454,8 +456,6 @@ def round_settings(rc, quantization_range: int, share_fraction: float,
 def client_vector(update, sent_global) -> np.ndarray:
     """``update`` (already clipped, and noised under distributed DP, by the client) as local - global over the
     keys of ``sent_global``, flattened in sorted key order, with the client's [norm <= clip] bit last."""
-    from fedguard.aggregators.base import AdapterLayout
-
     layout = AdapterLayout.of(sent_global)
     delta = layout.flatten({k: update.tensors[k] for k in sent_global}) - layout.flatten(sent_global)
     return np.append(delta.numpy(), float(update.metrics.get("dp_unclipped", 0.0))).astype(np.float64)
@@ -463,8 +463,6 @@ def client_vector(update, sent_global) -> np.ndarray:
 
 def sum_from_vector(total: np.ndarray, sent_global) -> tuple[dict, float]:
     """The summed vector back as tensors shaped like ``sent_global`` (float64) and the sum of the bits."""
-    from fedguard.aggregators.base import AdapterLayout
-
     layout = AdapterLayout.of(sent_global)
     if total.shape != (layout.size + 1,) or not np.all(np.isfinite(total)):
         raise ValueError(f"the secure sum has shape {total.shape} (expected {(layout.size + 1,)}) or is not finite")
@@ -481,7 +479,6 @@ def secure_round_sum(updates, sent_global, settings: SecAggSettings, seed: int, 
     the server gets only their sum. ``dropped``: clients that share keys and then never send their vector."""
     import torch
 
-    from fedguard.messages import UpdateSum
 
     vectors = {u.client_id: client_vector(u, sent_global) for u in updates}
     if len(vectors) < 2:  # no secret to keep among fewer than two: nothing is summed, the round moves nothing

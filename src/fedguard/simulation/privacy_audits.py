@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedguard.config import ExperimentConfig
+from fedguard.data.federation import DataTokenizer, sample_examples
+from fedguard.data.readers import load_source
+from fedguard.federated.batches import batch_plan, trained_on
 from fedguard.messages import AdapterState, RoundConfig
+from fedguard.privacy.audits import membership_inference, update_attack
+from fedguard.privacy.canaries import canary_examples, canary_exposure, run_canaries
+from fedguard.seeding import numpy_rng
 
 log = logging.getLogger("fedguard")
 
@@ -41,10 +47,6 @@ def _audited_data(cfg: ExperimentConfig, clients, what: str):
 
 def _non_members(cfg: ExperimentConfig, resident, count: int):
     """Examples of the training source that no client saw (its evaluation split)."""
-    from fedguard.data.federation import DataTokenizer, sample_examples
-    from fedguard.data.readers import load_source
-    from fedguard.seeding import numpy_rng
-
     source = cfg.data.source if cfg.data.partition.method != "explicit" else "builtin:benign"
     unseen = load_source(source, "eval", 4 * count, cfg.seed + 2_000_003)
     rng = numpy_rng(cfg.seed, "membership-audit")
@@ -55,16 +57,12 @@ def _not_canaries(cfg: ExperimentConfig, resident, examples):
     """``examples`` without the planted canaries (the audits of ordinary data leave them out)."""
     if not cfg.privacy.canaries:
         return list(examples)
-    from fedguard.data.federation import DataTokenizer
-    from fedguard.privacy.canaries import canary_examples, run_canaries
 
     planted = {e.input_ids for e in DataTokenizer(resident.loaded.tokenizer, cfg)(canary_examples(run_canaries(cfg), 1))}
     return [e for e in examples if e.input_ids not in planted]
 
 
 def membership_audit(cfg: ExperimentConfig, resident, clients, final_adapter) -> dict[str, Any] | None:
-    from fedguard.privacy.audits import membership_inference
-
     data = _audited_data(cfg, clients, "membership audit")
     if data is None:
         return None
@@ -82,8 +80,6 @@ def membership_audit(cfg: ExperimentConfig, resident, clients, final_adapter) ->
 
 
 def canary_audit(cfg: ExperimentConfig, resident, final_adapter) -> dict[str, Any]:
-    from fedguard.privacy.canaries import canary_exposure, run_canaries
-
     out = canary_exposure(resident, final_adapter, run_canaries(cfg), before=resident.theta0, data=cfg.data)
     log.info("canary exposure on client %d: mean %.2f of %.2f bits (%.2f before training), extraction %.0f%%",
              cfg.privacy.audit_client, out["mean_exposure"], out["max_exposure_possible"],
@@ -94,9 +90,6 @@ def canary_audit(cfg: ExperimentConfig, resident, final_adapter) -> dict[str, An
 def update_audit(cfg: ExperimentConfig, resident, clients, upload: Upload | None) -> dict[str, Any] | None:
     """The server's attack on the audited client's last upload; None (with the reason logged) when the server
     never held one (secure aggregation) or this process did not see it."""
-    from fedguard.federated.batches import batch_plan, trained_on
-    from fedguard.privacy.audits import update_attack
-
     if cfg.privacy.secure_aggregation != "none":
         return {"client": cfg.privacy.audit_client, "skipped": "secure aggregation: the server never holds one "
                 "client's update, only the round's sum"}
@@ -107,7 +100,6 @@ def update_audit(cfg: ExperimentConfig, resident, clients, upload: Upload | None
         log.warning("update audit skipped: client %d sent no update in this process (resumed after its last "
                     "round, or never sampled)", cfg.privacy.audit_client)
         return None
-    from fedguard.seeding import numpy_rng
 
     # members: what the client drew that round; non-members: its own examples it did not draw that round (the same
     # distribution: the attack must find the round's examples, not the client's domains)

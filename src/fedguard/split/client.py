@@ -60,6 +60,7 @@ from fedguard.split.messages import (
     spec_differences,
 )
 from fedguard.split.params import PartLora
+from fedguard.split.protections import nopeek_penalty
 
 __all__ = ["SplitClient", "collate_with_counts", "completion_loss", "count_batches"]
 
@@ -180,7 +181,6 @@ class SplitClient:
         npk = self.split.nopeek
         if not npk.weight:
             return None
-        from fedguard.split.protections import nopeek_penalty
 
         dcor = nopeek_penalty(self.seam.decoder.embed_tokens, ids, h_a, counts, inputs=npk.inputs,
                               max_tokens=npk.max_tokens,

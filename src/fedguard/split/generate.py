@@ -24,6 +24,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from fedguard.data.federation import build_eval_data
+from fedguard.data.tokenize import render_prompt
+from fedguard.evaluation.evaluator import Evaluator
 from fedguard.split.client import SplitClient
 
 __all__ = ["chat_batch", "collaborative_greedy", "evaluate_client", "generate_chat", "generate_rendered",
@@ -90,8 +93,6 @@ def collaborative_greedy(client: SplitClient, input_ids: torch.Tensor, counts: t
 def chat_batch(tokenizer, prompts: Sequence[str], system_prompt: str | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat prompts (the model's template) as right-padded ``input_ids [B, T]`` and token counts ``[B]``."""
-    from fedguard.data.tokenize import render_prompt
-
     return rendered_batch(tokenizer, [render_prompt(tokenizer, [{"role": "user", "content": p}], system_prompt)
                                       for p in prompts])
 
@@ -144,9 +145,6 @@ def evaluate_client(cfg, loaded, client: SplitClient, samples: int = 3) -> dict:
     """fedguard's safety and utility evaluation (the ``eval`` section's harmful, over-refusal and checkable
     benign prompt sets, the same refusal rule and exact match as federated runs) of ``client``'s model, decoding
     through the server. The held-out loss is measured separately (``split.eval_examples``)."""
-    from fedguard.data.federation import build_eval_data
-    from fedguard.evaluation.evaluator import Evaluator
-
     data = build_eval_data(cfg, loaded.tokenizer)
     data.loss_examples = []
     evaluator = Evaluator(loaded, client.seam.model, None, None, data, cfg.eval, cfg.data.system_prompt,

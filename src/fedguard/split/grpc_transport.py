@@ -57,6 +57,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from fedguard.identity import CLIENT_ID_RULE, is_client_id
 from fedguard.split.messages import KINDS, PROTOCOL_VERSION, ProtocolError
 from fedguard.split.proto import split_pb2
 
@@ -77,7 +78,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 _PROTOBUF_MAX = 2**31 - 1  # a protobuf message cannot be larger
 _SERVICE = split_pb2.DESCRIPTOR.services_by_name["SplitLearning"].full_name  # fedguard.split.v1.SplitLearning
 _METHOD = f"/{_SERVICE}/Call"
-_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # same rule as deploy.certs.make_client_cert
 _TENSOR_NAME = re.compile(r"[!-~]{1,256}")  # printable ASCII, no spaces
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -205,8 +205,8 @@ def _no_constant(name: str):
 def _check_header(env: split_pb2.Envelope) -> None:
     if env.version != PROTOCOL_VERSION:
         raise _Refusal("invalid_request", f"protocol version {env.version}; this server speaks {PROTOCOL_VERSION}")
-    if not _CLIENT_ID.fullmatch(env.client_id):
-        raise _Refusal("invalid_request", f"client_id {env.client_id[:64]!r}: use 1-64 of [A-Za-z0-9._-], "
+    if not is_client_id(env.client_id):
+        raise _Refusal("invalid_request", f"client_id {env.client_id[:64]!r}: use {CLIENT_ID_RULE}"
                                           "starting with a letter or digit")
     if env.HasField("error"):
         raise _Refusal("invalid_request", "a request carries no error field")
@@ -370,14 +370,14 @@ class SplitServer(_Meter):
             reply = self._error(env, "too_large", f"the reply is {len(data)} bytes, over the server's limit of "
                                                   f"{self.max_message_bytes}")
             data = reply.SerializeToString()
-        self._count(env.client_id if _CLIENT_ID.fullmatch(env.client_id) else "",
+        self._count(env.client_id if is_client_id(env.client_id) else "",
                     env.kind if env.kind in KINDS else "invalid", len(request), len(data))
         return data
 
     @staticmethod
     def _reply_header(env: split_pb2.Envelope) -> split_pb2.Envelope:
         return split_pb2.Envelope(version=PROTOCOL_VERSION, kind=env.kind if env.kind in KINDS else "",
-                                  client_id=env.client_id if _CLIENT_ID.fullmatch(env.client_id) else "",
+                                  client_id=env.client_id if is_client_id(env.client_id) else "",
                                   request_id=env.request_id, step=env.step)
 
     def _error(self, env: split_pb2.Envelope, code: str, message: str) -> split_pb2.Envelope:
@@ -526,8 +526,8 @@ class GrpcTransport(_Meter):
         fails (:class:`SplitTooLargeError`, also a ``ProtocolError``, for a message over a size limit)."""
         if kind not in KINDS:
             raise ProtocolError(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
-        if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
-            raise ProtocolError(f"client_id {client_id!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
+        if not is_client_id(client_id):
+            raise ProtocolError(f"client_id {client_id!r}: use {CLIENT_ID_RULE}")
         if not isinstance(meta, Mapping):
             raise TypeError(f"meta is a {type(meta).__name__}, not a mapping")
         try:

@@ -54,6 +54,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fedguard.config import differing_fields
+
 __all__ = ["KINDS", "PROTOCOL_VERSION", "WIRE_DTYPES", "ProtocolError", "Transport", "decode_message",
            "encode_message", "spec_differences", "split_spec", "tensor_nbytes"]
 
@@ -100,8 +102,6 @@ def split_spec(fingerprint: Mapping[str, Any], num_layers: int, hidden_size: int
 
 def spec_differences(client: Any, server: Mapping[str, Any]) -> list[str]:
     """``'<field> differs: client X, server Y'`` for every field of two specs that differs (empty: equal)."""
-    from fedguard.config import differing_fields
-
     if not isinstance(client, Mapping):
         return [f"spec must be a JSON object, got {type(client).__name__}"]
     out = []

@@ -72,9 +72,23 @@ from typing import Any
 
 import torch
 
+from fedguard.alignment import load_start_model
 from fedguard.config import ConfigError, ExperimentConfig
-from fedguard.io import NdjsonWriter, atomic_write_json
-from fedguard.split.train import SERVER_FILE_NOTE, adapters_manifest, client_file_note, publish_adapters
+from fedguard.data.federation import build_client_data
+from fedguard.identity import CLIENT_ID_RULE, is_client_id
+from fedguard.io import NdjsonWriter, atomic_write_json, load_tensors
+from fedguard.model import attach_lora
+from fedguard.model.blocks import BlockSeam
+from fedguard.privacy.canaries import audited_client
+from fedguard.run_dir import FINAL_METRICS_FILE, METRICS_FILE, RunLog
+from fedguard.split.client import SplitClient, count_batches
+from fedguard.split.generate import generate_chat
+from fedguard.split.grpc_transport import GrpcTransport, SplitTransportError, serve
+from fedguard.split.messages import ProtocolError, split_spec
+from fedguard.split.server import GLOBAL, SplitServer
+from fedguard.split.train import (SERVER_FILE_NOTE, BatchStream, SplitRun, adapters_manifest, check_adapters_manifest,
+                                  check_split_config, client_file_note, eval_examples, evaluate_and_log,
+                                  load_client_parts, metered_step, need_adapter_file, prepare_run_dir, publish_adapters)
 
 log = logging.getLogger("fedguard")
 
@@ -137,13 +151,8 @@ class Role:
 def load_role(cfg: ExperimentConfig, side: str, loaded=None) -> Role:
     """Load (or take) the base model, attach LoRA, cut it and release what ``side`` ("server" or "client")
     does not hold."""
-    from fedguard.model import attach_lora, load_base_model
-    from fedguard.model.blocks import BlockSeam
-    from fedguard.split.messages import split_spec
-    from fedguard.split.train import check_split_config
-
     if loaded is None:
-        loaded = load_base_model(cfg.model)
+        loaded = load_start_model(cfg.model)
     check_split_config(cfg, loaded.model.config.num_hidden_layers)
     fingerprint = loaded.fingerprint()  # from the files on disk, before anything is released
     peft_model, _ = attach_lora(loaded.model, cfg.lora)
@@ -213,8 +222,6 @@ class SplitService:
 
     # -- the handler ---------------------------------------------------------------------------------------
     def handle(self, kind: str, client_id: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
-        from fedguard.split.messages import ProtocolError
-
         with self._lock:
             self.in_flight[client_id] = kind
         try:
@@ -234,8 +241,6 @@ class SplitService:
                 self.in_flight.pop(client_id, None)
 
     def _wait_for_everyone(self, cid: str) -> None:
-        from fedguard.split.messages import ProtocolError
-
         def ready() -> bool:
             return set(self.expected) <= set(self.server.clients)
 
@@ -332,8 +337,6 @@ class SplitService:
             atomic_write_json(self.run_dir / SERVER_METRICS_FILE, self.snapshot(running=not final))
 
     def save_adapters(self, *, final: bool = False) -> None:
-        from fedguard.split.server import GLOBAL
-
         srv = self.server
         with srv.cond, srv.compute_lock:  # no optimizer step half-way through the copy
             # at the end, hierarchical: the final average of the copies (as the in-process recipe does)
@@ -349,23 +352,15 @@ def serve_split(cfg: ExperimentConfig, address: str, credentials: str | Path, ru
                 flush_seconds: float = 5.0, loaded=None) -> Path:
     """Run the split server until ``stop`` is set (the CLI sets it on SIGINT / SIGTERM); returns its run
     folder. ``on_ready(address, run_dir)`` is called once it accepts connections."""
-    from fedguard.io import load_tensors
-    from fedguard.simulation.runner import RunLog
-    from fedguard.split.grpc_transport import serve
-    from fedguard.split.server import GLOBAL, SplitServer
-    from fedguard.split.train import check_adapters_manifest, need_adapter_file, prepare_run_dir
-
     ca, cert, key = server_credentials(credentials)
     if adapters is not None:
         adapters = Path(adapters)
         check_adapters_manifest(cfg, adapters)
         need_adapter_file(adapters / "server.safetensors")
     if clients is not None:
-        from fedguard.split.grpc_transport import _CLIENT_ID
-
-        bad = [c for c in clients if not _CLIENT_ID.fullmatch(c)]
+        bad = [c for c in clients if not is_client_id(c)]
         if bad:
-            raise ConfigError(f"--clients: {bad} are not client ids (1-64 of [A-Za-z0-9._-])")
+            raise ConfigError(f"--clients: {bad} are not client ids ({CLIENT_ID_RULE})")
     role = load_role(cfg, "server", loaded)
     run_dir = prepare_run_dir(cfg, run_dir, "split-server", marker=SERVER_METRICS_FILE, what="a split server's run")
     run_log = RunLog(run_dir, console_output=not quiet)
@@ -410,8 +405,6 @@ def connect(cfg: ExperimentConfig, server: str, client_id: str, credentials: str
             server_name: str | None = None):
     """A ``GrpcTransport`` to ``server`` as ``client_id`` (its certificate from ``credentials``); a call may
     wait up to ``split.barrier_timeout`` for other clients, so its timeout is longer."""
-    from fedguard.split.grpc_transport import GrpcTransport
-
     ca, cert, key = client_credentials(credentials, client_id)
     return GrpcTransport(server, root_cert=ca, client_cert=cert, client_key=key, max_message_bytes=message_limit(cfg),
                          timeout=cfg.split.barrier_timeout + 60.0, server_name=server_name)
@@ -420,8 +413,6 @@ def connect(cfg: ExperimentConfig, server: str, client_id: str, credentials: str
 def hello(client, connect_timeout: float = CONNECT_TIMEOUT) -> dict[str, Any]:
     """The client's hello; while the server's port refuses connections (not started yet) it retries for up to
     ``connect_timeout`` seconds. A TLS refusal or a handshake mismatch raises at once."""
-    from fedguard.split.grpc_transport import SplitTransportError
-
     deadline = time.monotonic() + connect_timeout
     while True:
         try:
@@ -434,8 +425,6 @@ def hello(client, connect_timeout: float = CONNECT_TIMEOUT) -> dict[str, Any]:
 
 def remote_client(cfg: ExperimentConfig, transport, client_id: str, *, weight: float = 1.0, loaded=None):
     """(Role, SplitClient) of this process: the client's parts on a loaded model, connected by ``transport``."""
-    from fedguard.split.client import SplitClient
-
     role = load_role(cfg, "client", loaded)
     client = SplitClient(client_id, role.seam, transport, role.spec, cfg, autocast=role.loaded.autocast,
                          weight=weight)
@@ -460,29 +449,14 @@ def train_remote(cfg: ExperimentConfig, transport, client_id: str, run_dir: Path
                  partition: int | None = None, quiet: bool = False, loaded=None,
                  connect_timeout: float = CONNECT_TIMEOUT):
     """One client's split training against a remote server (see the module docstring); a ``SplitRun``."""
-    from fedguard.data.federation import build_client_data
-    from fedguard.model import load_base_model
-    from fedguard.simulation.runner import RunLog
-    from fedguard.split.client import count_batches
-    from fedguard.split.train import (
-        FINAL_METRICS_FILE,
-        METRICS_FILE,
-        BatchStream,
-        SplitRun,
-        eval_examples,
-        evaluate_and_log,
-        metered_step,
-        prepare_run_dir,
-    )
-
     s = cfg.split
     if s.aggregate_clients:
         raise ConfigError("split.aggregate_clients is simulated in process only (the clients' own parts would need "
                           "an aggregator between the client processes); run with --set split.aggregate_clients=false")
     index = _partition(cfg, client_id, partition)
     if loaded is None:
-        loaded = load_base_model(cfg.model)
-    data = build_client_data(cfg, loaded.tokenizer)[index]
+        loaded = load_start_model(cfg.model)
+    data = build_client_data(cfg, loaded.tokenizer, audited_client(cfg))[index]
     role, client = remote_client(cfg, transport, client_id, weight=float(len(data)), loaded=loaded)
     t0 = time.perf_counter()
     reply = hello(client, connect_timeout)  # a refusal ends the client before it writes anything
@@ -557,9 +531,6 @@ def generate_remote(cfg: ExperimentConfig, transport, client_id: str, prompts: S
                     loaded=None, connect_timeout: float = CONNECT_TIMEOUT) -> dict[str, Any]:
     """Greedy chat answers through a remote server: {"answers", "tokens", "bytes", "decode_steps",
     "seconds", "seconds_per_decode_step"}."""
-    from fedguard.split.generate import generate_chat
-    from fedguard.split.train import check_adapters_manifest, load_client_parts
-
     if adapters is not None:
         check_adapters_manifest(cfg, Path(adapters))
     role, client = remote_client(cfg, transport, client_id, loaded=loaded)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from fedguard.model.blocks import padding_mask_from_counts
+
 __all__ = ["distance_correlation", "nopeek_penalty", "pairwise_distances", "token_distances"]
 
 
@@ -97,8 +99,6 @@ def nopeek_penalty(embed: torch.nn.Module, ids: torch.Tensor, hidden: torch.Tens
     ``[B, T]``, ``counts`` ``[B]``) and the hidden states the front computed for them (``hidden``
     ``[B, T, H]``, with its graph): one sample per real token, at most ``max_tokens`` of them (drawn with
     ``generator``). ``inputs``: ``tokens`` (one-hot) or ``embeddings`` (the frozen rows of ``embed``)."""
-    from fedguard.model.blocks import padding_mask_from_counts
-
     valid = padding_mask_from_counts(counts, ids.shape[1], ids.shape[0], ids.device)
     tok = ids[valid]
     z = hidden[valid]

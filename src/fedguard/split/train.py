@@ -53,20 +53,21 @@ from typing import Any
 
 import torch
 
+from fedguard.alignment import load_start_model
 from fedguard.config import ConfigError, ExperimentConfig
+from fedguard.data.federation import build_client_data, heldout_loss_examples
 from fedguard.data.tokenize import Batch, TokenizedExample
-from fedguard.io import (
-    NdjsonWriter,
-    atomic_write_json,
-    atomic_write_text,
-    publish_dir,
-    save_tensors,
-)
+from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, load_tensors, publish_dir, save_tensors
+from fedguard.model import attach_lora
 from fedguard.model.blocks import BlockSeam
 from fedguard.model.keys import a_key, b_key, base_layer_key
 from fedguard.model.loading import LoadedModel
+from fedguard.model.lora import initial_adapter_state
+from fedguard.privacy.canaries import audited_client
+from fedguard.run_dir import CONFIG_FILE, FINAL_METRICS_FILE, METRICS_FILE, RunLog, new_run_dir
 from fedguard.seeding import derive_seed, numpy_rng
 from fedguard.split.client import SplitClient, collate_with_counts, count_batches
+from fedguard.split.generate import evaluate_client
 from fedguard.split.messages import split_spec
 from fedguard.split.params import PartLora
 from fedguard.split.server import GLOBAL, SplitServer
@@ -79,8 +80,6 @@ __all__ = ["SplitRun", "SplitSystem", "aggregate_client_parts", "build_split_sys
            "need_adapter_file",
            "prepare_run_dir", "train_split"]
 
-METRICS_FILE = "metrics.ndjson"
-FINAL_METRICS_FILE = "final_metrics.json"
 ADAPTERS_DIR = "adapters"
 DELTA_FILE = "client-parts-delta.safetensors"
 
@@ -127,8 +126,6 @@ def build_split_system(cfg: ExperimentConfig, loaded: LoadedModel, peft_model=No
     every client and the server start from the model's current LoRA values)."""
     check_split_config(cfg)
     if peft_model is None:
-        from fedguard.model import attach_lora
-
         peft_model, _ = attach_lora(loaded.model, cfg.lora)
     try:
         seam = BlockSeam(peft_model, cfg.split.k_a, cfg.split.k_c)
@@ -155,8 +152,6 @@ def aggregate_client_parts(clients: Sequence[SplitClient], reinit_seed: int) -> 
     layers (shared by every simulated client on the resident model); then each client's LoRA of A and C
     restarts from a fresh adapter (A from ``reinit_seed``, B = 0) with fresh AdamW moments. Returns the merged
     ``{module: ΔW}`` (float64)."""
-    from fedguard.model.lora import initial_adapter_state
-
     banks = clients[0].banks
     if any(c.banks is not banks for c in clients):
         raise ValueError("aggregate_client_parts: the clients must share one resident model's banks")
@@ -199,8 +194,6 @@ class BatchStream:
 
 def eval_examples(cfg: ExperimentConfig, tokenizer) -> list[TokenizedExample]:
     """The ``split.eval_examples`` held-out examples each client measures its loss on."""
-    from fedguard.data.federation import heldout_loss_examples
-
     return heldout_loss_examples(cfg, tokenizer, cfg.split.eval_examples, "split-eval", "split eval set")
 
 
@@ -208,8 +201,6 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path | None, kind: str, *, m
                     what: str = "a finished split run") -> Path:
     """The run folder (``run_dir``, or a fresh ``OUTPUT_DIR/NAME-KIND-TIMESTAMP``) with the resolved
     ``config.yaml`` and an empty ``metrics.ndjson``; refuses a folder that holds ``marker`` (``what``)."""
-    from fedguard.simulation.runner import CONFIG_FILE, new_run_dir
-
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg, kind)
     if (run_dir / marker).exists():
         raise ConfigError(f"{run_dir} already holds {what}; pass another --run-dir")
@@ -222,11 +213,8 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path | None, kind: str, *, m
 def train_split(cfg: ExperimentConfig, run_dir: Path | None = None, *, quiet: bool = False,
                 loaded: LoadedModel | None = None) -> SplitRun:
     """Run split training as configured and write the run folder (see the module docstring)."""
-    from fedguard.model import load_base_model
-    from fedguard.simulation.runner import RunLog
-
     if loaded is None:
-        loaded = load_base_model(cfg.model)
+        loaded = load_start_model(cfg.model)
     check_split_config(cfg, loaded.model.config.num_hidden_layers)  # before anything is written
     run_dir = prepare_run_dir(cfg, run_dir, "split")
     run_log = RunLog(run_dir, console_output=not quiet)
@@ -237,11 +225,9 @@ def train_split(cfg: ExperimentConfig, run_dir: Path | None = None, *, quiet: bo
 
 
 def _train(cfg: ExperimentConfig, run_dir: Path, loaded: LoadedModel) -> SplitRun:
-    from fedguard.data.federation import build_client_data
-
     t0 = time.perf_counter()
     s = cfg.split
-    data = build_client_data(cfg, loaded.tokenizer)
+    data = build_client_data(cfg, loaded.tokenizer, audited_client(cfg))
     system = build_split_system(cfg, loaded, weights=[float(len(d)) for d in data])
     pad_id = loaded.tokenizer.pad_token_id
     log.info("split learning: %s, k_a=%d, k_c=%d (server blocks %s), %d clients x %d steps, noise %s",
@@ -370,8 +356,6 @@ def evaluate_and_log(cfg: ExperimentConfig, loaded: LoadedModel, client: SplitCl
                      when: str) -> dict[str, Any]:
     """``split.evaluate``: the safety and utility evaluation of ``client``'s model through its server, logged and
     appended to ``metrics.ndjson`` (rates only; the full result, with samples, goes to ``final_metrics.json``)."""
-    from fedguard.split.generate import evaluate_client
-
     result = evaluate_client(cfg, loaded, client)
     rates = {k: v for k, v in result.items() if k.endswith(("_rate", "_match", "_n")) or k == "eval_seconds"}
     writer.append({"event": "evaluation", "when": when, "client": client.id, **rates})
@@ -451,8 +435,6 @@ def need_adapter_file(path: Path) -> Path:
 def load_client_parts(banks: Sequence[PartLora], client_id: str, adapters_dir: Path, owner: str) -> None:
     """``adapters_dir/client-<owner>.safetensors`` into ``client_id``'s LoRA of A and C in ``banks``, and the
     merged client delta into those layers' base weights if the run aggregated the clients' parts."""
-    from fedguard.io import load_tensors
-
     adapters_dir = Path(adapters_dir)
     state = load_tensors(need_adapter_file(adapters_dir / f"client-{owner}.safetensors"))
     for bank in banks:
@@ -468,8 +450,6 @@ def load_client_parts(banks: Sequence[PartLora], client_id: str, adapters_dir: P
 def load_split_adapters(system: SplitSystem, adapters_dir: Path, client_id: str) -> None:
     """Load a finished run's adapters into ``system`` for generation: the server's LoRA, client ``client_id``'s
     LoRA of A and C, and the merged client delta if the run aggregated. Call before the clients' hello."""
-    from fedguard.io import load_tensors
-
     adapters_dir = Path(adapters_dir)
     check_adapters_manifest(system.server.cfg, adapters_dir)
     server = need_adapter_file(adapters_dir / "server.safetensors")

@@ -15,9 +15,11 @@ from typing import Any
 
 from fedguard.config import ConfigError, ExperimentConfig, build_config, differing_fields
 from fedguard.evaluation.stats import format_rate, paired_refusals, rate_interval
+from fedguard.factories import ensure_probe, needs_probe
 from fedguard.io import atomic_write_bytes, atomic_write_text, read_ndjson
 from fedguard.reporting.figures import png_bytes, pyplot
-from fedguard.simulation.runner import CONFIG_FILE, FINAL_METRICS_FILE, METRICS_FILE, load_run_config, run_experiment
+from fedguard.run_dir import CONFIG_FILE, FINAL_METRICS_FILE, METRICS_FILE, load_run_config
+from fedguard.simulation.runner import run_experiment
 
 
 def parse_ratio(text: str, num_clients: int) -> int:
@@ -134,7 +136,6 @@ def _run_parallel(todo: list[tuple[ExperimentConfig, Path]], jobs: int, quiet: b
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    from fedguard.factories import ensure_probe, needs_probe
 
     # Cells differ only in attack, ratio, level and aggregator, none of which the probe depends on, so
     # they share one probe: build it once, here,

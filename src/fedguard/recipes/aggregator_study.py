@@ -39,17 +39,23 @@ import torch
 
 from fedguard.config import ConfigError, ExperimentConfig, build_config, differing_fields, split_level
 from fedguard.data.federation import ClientData, build_client_data, build_eval_data
+from fedguard.evaluation.evaluator import Evaluator
 from fedguard.evaluation.stats import format_rate, paired_refusals
+from fedguard.factories import build_defense, load_resident
 from fedguard.federated.aggregation import build_aggregator
 from fedguard.federated.client import LocalTrainer
 from fedguard.federated.compression import CompressionSpec
+from fedguard.federated.sampling import RoundPlan
 from fedguard.federated.server import FederatedServer
 from fedguard.federated.transport import UplinkEncoder, WireSpec, uplink_nbytes
-from fedguard.messages import AdapterState, ClientUpdate, RoundConfig, ServerState
 from fedguard.io import NdjsonWriter, atomic_write_bytes, atomic_write_text, read_ndjson
+from fedguard.messages import AdapterState, ClientUpdate, RoundConfig, ServerState
+from fedguard.privacy.canaries import audited_client
+from fedguard.recipes.sweep import parse_ratio
 from fedguard.reporting.figures import png_bytes, pyplot
-from fedguard.simulation.population import build_population
-from fedguard.simulation.sweep import parse_ratio
+from fedguard.run_dir import RunLog
+from fedguard.simulation.metrics import detection_summary, screening_summary
+from fedguard.simulation.population import build_population, with_trigger
 
 log = logging.getLogger("fedguard")
 
@@ -130,8 +136,6 @@ def run_aggregator_study(cfg: ExperimentConfig, out_dir: Path, quiet: bool = Fal
                          scenarios: list[str] | None = None, aggregators: list[str] | None = None,
                          codecs: list[str] | None = None) -> Path:
     """Run the study of ``cfg.aggregator_study`` (or the given lists) into ``out_dir``; returns study.md."""
-    from fedguard.simulation.runner import RunLog
-
     raw = cfg.model_dump(mode="json")
     for key, given in (("scenarios", scenarios), ("aggregators", aggregators), ("codecs", codecs)):
         if given is not None:
@@ -191,10 +195,6 @@ def _added_at_default(field: str, theirs: dict, mine: dict, defaults: dict) -> b
 
 
 def _run(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
-    from fedguard.evaluation.evaluator import Evaluator
-    from fedguard.factories import build_defense, load_resident
-    from fedguard.federated.sampling import RoundPlan
-
     study = cfg.aggregator_study
     rows = read_ndjson(out_dir / ROWS_FILE)
     done = {(r["scenario"], r["method"]) for r in rows}
@@ -281,7 +281,6 @@ def _triggered(cfg: ExperimentConfig, evaluator) -> list:
     """A backdoor scenario's harmful prompts with its trigger (attack success; simulation metrics only)."""
     if cfg.attack.kind != "backdoor" or not cfg.attack.malicious_clients:
         return []
-    from fedguard.simulation.population import with_trigger
 
     return [with_trigger(e, cfg.attack.trigger) for e in evaluator.data.harmful_prompts]
 
@@ -289,7 +288,7 @@ def _triggered(cfg: ExperimentConfig, evaluator) -> list:
 def _client_updates(cfg: ExperimentConfig, tokenizer, once: _TrainOnce, probe, theta0: AdapterState,
                     rc: RoundConfig) -> tuple[list[ClientUpdate], Any]:
     """Every client's update of the scenario ``cfg`` (attackers shape theirs), and who is who."""
-    clients = build_client_data(cfg, tokenizer)
+    clients = build_client_data(cfg, tokenizer, audited_client(cfg))
     population = build_population(cfg, tokenizer, clients, probe)
     updates = []
     for cid in range(cfg.federation.num_clients):
@@ -305,8 +304,6 @@ def _measure(scenario: Scenario, method: str, server: FederatedServer, sent: lis
              theta0: AdapterState, population, evaluator, client_seconds: float) -> dict[str, Any]:
     """One row: aggregate the round, score what the server screened or weighted, evaluate the result;
     ``client_seconds``: the mean local training time of the scenario's clients (shared by its rows)."""
-    from fedguard.simulation.runner import detection_summary, screening_summary
-
     t = time.perf_counter()
     outcome = server.aggregate_round(1, theta0, sent, ServerState())
     aggregate_seconds = time.perf_counter() - t
