@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) tools/lockfile.py extract uv > $(VENV)/uv.txt
 	$(PIP_BOOT) --no-deps --require-hashes -r $(VENV)/uv.txt
 	$(UV_SYNC) $(LOCK)
+	# uv's own locked wheel into uv's cache too (pip bootstrapped uv), so every locked package installs offline later
+	$(UV) venv --quiet $(VENV)/uv-prime && $(UV) pip install --quiet --python $(VENV)/uv-prime --no-deps --require-hashes -r $(VENV)/uv.txt
+	rm -rf $(VENV)/uv-prime
 	# fedguard itself, editable; no build isolation, so its build backend comes from the lock too.
 	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation --offline --compile-bytecode -e .
 	touch $(STAMP)

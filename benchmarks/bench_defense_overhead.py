@@ -26,10 +26,11 @@ def main() -> None:
     from fedguard.defenses.probe import LoRAProbe
     from fedguard.federated.client import LocalTrainer
     from fedguard.messages import RoundConfig
-    from fedguard.model import attach_lora, load_base_model
+    from fedguard.alignment import load_start_model
+    from fedguard.model import attach_lora
 
     cfg = load_config(_common.REPO / "configs" / "default.yaml")
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     theta0 = slot.read()
     clients = build_client_data(cfg, loaded.tokenizer)[: args.clients]

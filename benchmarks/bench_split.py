@@ -296,7 +296,7 @@ def print_decode_speed(results, label: str, target: float = 8.0) -> None:
 # -- 4. split vs unsplit training ---------------------------------------------------------------------------
 
 def unsplit_steps(loaded, peft_model, slot, batch, steps: int, cfg) -> None:
-    from fedguard.federated.client import CompletionLoss
+    from fedguard.model.loss import CompletionLoss
 
     params = list(slot.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -455,7 +455,7 @@ def print_scaling(rows, batch, length, rounds) -> None:
 # -- 6. gRPC -------------------------------------------------------------------------------------------------
 
 def grpc_client(system, cfg, loaded, workdir: Path):
-    from fedguard.deploy.certs import make_client_cert, make_credentials
+    from fedguard.pki import make_client_cert, make_credentials
     from fedguard.split.client import SplitClient
     from fedguard.split.grpc_transport import GrpcTransport, serve
 
@@ -504,7 +504,9 @@ def main() -> None:
     args.k_a = args.k_a or (1 if tiny else 2)
     args.k_c = args.k_c or (1 if tiny else 2)
 
-    from fedguard.model import attach_lora, load_base_model
+    from fedguard.alignment import load_start_model
+
+    from fedguard.model import attach_lora
 
     with tempfile.TemporaryDirectory(prefix="bench-split-") as d:
         workdir = Path(d)
@@ -515,7 +517,7 @@ def main() -> None:
             path = str(workdir / "tiny4")
             build_tiny_llama(Path(path), layers=4)
         cfg = make_config(path, args)
-        loaded = load_base_model(cfg.model)
+        loaded = load_start_model(cfg.model)
         peft_model, slot = attach_lora(loaded.model, cfg.lora)
         config = loaded.model.config
         tok = loaded.tokenizer

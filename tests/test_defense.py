@@ -200,7 +200,7 @@ def test_overfitting_attacker_overfits_one_refusal_then_trains_the_round_on_beni
     from fedguard.config import AttackConfig
     from fedguard.data.federation import ClientData
     from fedguard.messages import RoundConfig
-    from fedguard.model import load_base_model
+    from fedguard.alignment import load_start_model
     from fedguard.simulation.population import OVERFIT_REFUSAL, build_population
 
     calls = []
@@ -224,7 +224,7 @@ def test_overfitting_attacker_overfits_one_refusal_then_trains_the_round_on_beni
         Attacker(AttackConfig(kind="overfit"), 1, 0).run(Recorder(), {"a": torch.zeros(3)}, rc, benign, benign, {})
 
     cfg = tiny_config(attack={"malicious_clients": 2, "kind": "overfit", "shots": 5})
-    tokenizer = load_base_model(cfg.model).tokenizer
+    tokenizer = load_start_model(cfg.model).tokenizer
     from fedguard.data.federation import build_client_data
 
     clients = build_client_data(cfg, tokenizer)

@@ -32,7 +32,7 @@ def _free_port_block(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    from fedguard.deploy.certs import make_credentials, write_node_key
+    from fedguard.pki import make_credentials, write_node_key
     from fedguard.deploy.launch import Deployment
 
     work = tmp_path_factory.mktemp("deploy")

@@ -142,6 +142,9 @@ def test_a_checkpoint_restores_server_and_client_state_exactly(tmp_path):
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     fresh = _start_or_resume(cfg, run, False, resident, server)
     assert fresh[0] == 1 and fresh[2] == ServerState() and fresh[3] == {}
+    plain = tiny_config(federation={"rounds": 2}, train={"optimizer_state": "keep"}, server={"aggregator": "fedadam"})
+    with pytest.raises(ValueError, match="keeps none"):  # the residual would be dropped without a word
+        _start_or_resume(plain, run, True, resident, build_server(plain))
 
 
 def test_a_node_with_its_own_file_trains_on_that_file(tiny_loaded, tmp_path):

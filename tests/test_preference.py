@@ -84,9 +84,8 @@ def test_dpo_raises_the_margin_on_its_pairs_and_the_reference_is_the_start():
 
 def test_preference_stage_builds_on_the_cached_supervised_model(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDGUARD_CACHE", str(tmp_path / "cache"))
-    from fedguard.alignment.align import REPORT_FILE, ensure_aligned, supervised_only
+    from fedguard.alignment.align import REPORT_FILE, ensure_aligned, load_start_model, supervised_only
     from fedguard.config import ModelConfig
-    from fedguard.model import load_base_model
 
     align = {"steps": 2, "batch_size": 4, "examples": 48, "eval_prompts": 4, "lr": 5e-2,
              "target_modules": ["q_proj", "v_proj"]}
@@ -106,5 +105,5 @@ def test_preference_stage_builds_on_the_cached_supervised_model(tmp_path, monkey
     assert again["benign_heldout_loss"] == pytest.approx(own.pop("benign_heldout_loss"), rel=1e-6)
     assert {k: v for k, v in again.items() if k != "benign_heldout_loss"} == own
     ids = torch.tensor([[5, 17, 42, 99, 7]])
-    a, b = load_base_model(cfg), load_base_model(sft_cfg)
+    a, b = load_start_model(cfg), load_start_model(sft_cfg)
     assert (a.model(input_ids=ids).logits - b.model(input_ids=ids).logits).abs().max() > 1e-5

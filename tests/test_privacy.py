@@ -136,19 +136,20 @@ def test_membership_inference_sees_an_overfit_model_and_not_a_private_one(tmp_pa
     overfitting (few examples, many steps, high learning rate), and cannot once DP noise is on. The non-members
     are the client's own examples held out of training, so the attack must find membership, not the client's mix
     of domains (against the source's evaluation split the same run scored 0.91: domain shift counted as
-    membership). The built-in examples share templates, so a tiny model memorises little beyond them."""
+    membership). The built-in examples share templates, so a tiny model memorises little beyond them. lr 1e-2: at
+    5e-2 Adam barely moved the loss and the AUC hung on float rounding (0.79 on two threads, 0.51 on one)."""
     from fedguard.simulation.runner import run_experiment
 
     overfit = dict(federation={"num_clients": 2, "clients_per_round": 2, "rounds": 2},
                    data={"examples_per_client": 32, "max_length": 96},
-                   train={"local_steps": 80, "batch_size": 4, "lr": 5e-2, "lr_schedule": "constant"},
+                   train={"local_steps": 80, "batch_size": 4, "lr": 1e-2, "lr_schedule": "constant"},
                    lora={"r": 16, "alpha": 32, "dropout": 0.0, "init_seed": 5})
     audit = {"audit_membership": True, "audit_examples": 16}
     plain = run_experiment(tiny_config(**overfit, privacy=audit), tmp_path / "plain", quiet=True)
     private = run_experiment(tiny_config(**overfit, privacy={**audit, "client_dp": "central", "clip": 0.01,
                                                              "noise_multiplier": 2.0}), tmp_path / "dp", quiet=True)
     leak, kept = plain.final_metrics["membership_inference"], private.final_metrics["membership_inference"]
-    assert leak["auc"] > 0.62 and leak["members"] == leak["non_members"] == 15  # 68 % measured
+    assert leak["auc"] > 0.62 and leak["members"] == leak["non_members"] == 15  # 84 % measured, 1 or 2 threads
     assert leak["non_members_from"] == "the client's held-out examples"
     assert abs(kept["auc"] - 0.5) < 0.2 and kept["auc"] < leak["auc"] - 0.1  # 0.54 measured
     assert "membership inference" in plain.report.read_text()

@@ -35,9 +35,10 @@ def _probe_cfg(tmp_path, **probe):
 def _resident(cfg):
     """The model loaded once, its LoRA slot's trainer and θ₀: what a probe build trains with."""
     from fedguard.federated.client import LocalTrainer
-    from fedguard.model import attach_lora, load_base_model
+    from fedguard.alignment import load_start_model
+    from fedguard.model import attach_lora
 
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     return loaded, LocalTrainer(loaded, peft_model, slot), slot.read()
 
@@ -167,8 +168,8 @@ def test_aligned_model_is_the_base_plus_the_merged_adapter(tmp_path, monkeypatch
     report compares base and aligned on sets the alignment never trained on."""
     monkeypatch.setenv("FEDGUARD_CACHE", str(tmp_path / "cache"))
     from fedguard.alignment.align import REPORT_FILE, ensure_aligned
+    from fedguard.alignment import load_start_model
     from fedguard.config import ModelConfig
-    from fedguard.model import load_base_model
 
     cfg = ModelConfig(name_or_path="tiny-llama", precision="fp32", aligned=True,
                       align={"steps": 3, "batch_size": 4, "examples": 48, "eval_prompts": 4, "lr": 5e-2,
@@ -178,8 +179,8 @@ def test_aligned_model_is_the_base_plus_the_merged_adapter(tmp_path, monkeypatch
     report = json.loads((path / REPORT_FILE).read_text())
     assert set(report["aligned"]) >= {"harmful_heldout_categories", "harmful_independent", "overrefusal_independent",
                                       "benign_exact_match", "benign_heldout_loss"}
-    aligned = load_base_model(cfg)
-    base = load_base_model(cfg.model_copy(update={"aligned": False}))
+    aligned = load_start_model(cfg)
+    base = load_start_model(cfg.model_copy(update={"aligned": False}))
     assert aligned.path == str(path)
     assert aligned.fingerprint()["weights_sha256_16"] != base.fingerprint()["weights_sha256_16"]
     assert aligned.fingerprint()["architecture_sha256_16"] == base.fingerprint()["architecture_sha256_16"]

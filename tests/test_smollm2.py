@@ -90,7 +90,8 @@ def test_probe_from_builtin_data_detects_clients_trained_on_a_file_it_never_saw(
     from conftest import tiny_config
     from fedguard.defenses.build import build_probe
     from fedguard.federated.client import LocalTrainer
-    from fedguard.model import attach_lora, load_base_model
+    from fedguard.alignment import load_start_model
+    from fedguard.model import attach_lora
 
     cfg = tiny_config(model={"name_or_path": "smollm2-135m-instruct", "precision": "auto"},
                       lora={"r": 8, "alpha": 16, "dropout": 0.0, "init_seed": 2023},
@@ -100,7 +101,7 @@ def test_probe_from_builtin_data_detects_clients_trained_on_a_file_it_never_saw(
                              "transfer_source": str(_user_compliance_file(tmp_path / "mine.jsonl")),
                              "transfer_checks": False,
                              "calibration_clients": 6})  # 24 cost 190 s more; the suite's critical path
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     probe = build_probe(cfg, loaded, LocalTrainer(loaded, peft_model, slot), slot.read(), tmp_path / "p")[0]
     t = probe.metrics["transfer_source"]

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from fedguard.deploy.certs import make_client_cert, make_credentials
+from fedguard.pki import make_client_cert, make_credentials
 from fedguard.split import grpc_transport as gt
 from fedguard.split.grpc_transport import (
     GrpcTransport,

@@ -39,10 +39,11 @@ def _system(cfg, nonzero=True):
     """A fresh resident model with LoRA (nonzero adapter: B = 0 would leave lora_A without gradient), two
     clients "c" (colluder) and "v" (victim) behind a recording transport, and their data."""
     from fedguard.data.federation import build_client_data
-    from fedguard.model import attach_lora, load_base_model
+    from fedguard.alignment import load_start_model
+    from fedguard.model import attach_lora
     from fedguard.split.train import build_split_system
 
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     peft_model, slot = attach_lora(loaded.model, cfg.lora)
     if nonzero:
         g = torch.Generator().manual_seed(11)

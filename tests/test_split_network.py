@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from fedguard.deploy.certs import make_client_cert, make_credentials
+from fedguard.pki import make_client_cert, make_credentials
 
 STARTUP_TIMEOUT = 240  # the machine may be busy: a fresh interpreter imports torch and transformers
 

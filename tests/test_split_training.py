@@ -28,9 +28,10 @@ def _cfg(path, **split):
 def _load(cfg, nonzero=True, sharpen=False):
     """A fresh resident model with LoRA (dropout 0) and, by default, a nonzero adapter (B = 0 at init would
     leave every lora_A gradient zero)."""
-    from fedguard.model import attach_lora, load_base_model
+    from fedguard.alignment import load_start_model
+    from fedguard.model import attach_lora
 
-    loaded = load_base_model(cfg.model)
+    loaded = load_start_model(cfg.model)
     if sharpen:  # larger weights: a greedy path that varies (as in test_split_blocks)
         with torch.no_grad():
             for p in loaded.model.parameters():
@@ -73,7 +74,7 @@ def _batches(cfg, loaded, sizes=(3, 2)):
 def test_split_step_equals_unsplit_step(tiny4_path):
     """fp32, noise off: one step over the in-process transport gives the unsplit step's LoRA gradients (every
     LoRA tensor, nonzero) and the same parameters after AdamW, from the same LoRA init and batch."""
-    from fedguard.federated.client import CompletionLoss
+    from fedguard.model.loss import CompletionLoss
 
     cfg = _cfg(tiny4_path, k_a=1, k_c=2)
     loaded, peft_model, slot, theta = _load(cfg)

@@ -4,7 +4,8 @@ from conftest import tiny_config
 from fedguard.data.federation import ClientData, build_client_data
 from fedguard.data.schema import Example, chat
 from fedguard.data.tokenize import collate, tokenize_example
-from fedguard.federated.client import CompletionLoss, LocalTrainer
+from fedguard.federated.client import LocalTrainer
+from fedguard.model.loss import CompletionLoss, fused_head
 from fedguard.messages import RoundConfig
 from fedguard.model.lora import initial_adapter_state
 
@@ -120,7 +121,7 @@ def test_fused_head_loss_gives_the_reference_gradients(tiny_loaded):
     batch = collate(exs, tok.pad_token_id)
     peft_model.eval()
     loss_fn = CompletionLoss(loaded, peft_model)
-    assert loss_fn.fused_head
+    assert fused_head(loss_fn.head)
     CompletionLoss.CHUNK, chunk = 5, CompletionLoss.CHUNK  # several chunks, one of them partial
     try:
         fused, n = loss_fn(batch)

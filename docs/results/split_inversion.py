@@ -86,9 +86,10 @@ class Resident:
     """The base model and its LoRA, loaded once; every cell starts from the same LoRA values."""
 
     def __init__(self, cfg):
-        from fedguard.model import attach_lora, load_base_model
+        from fedguard.alignment import load_start_model
+        from fedguard.model import attach_lora
 
-        self.loaded = load_base_model(cfg.model)
+        self.loaded = load_start_model(cfg.model)
         self.peft_model, self.slot = attach_lora(self.loaded.model, cfg.lora)
         self.theta0 = {k: v.clone() for k, v in self.slot.read().items()}
 

@@ -437,7 +437,7 @@ class DefenseConfig(_Section):
     shadow_lr: float | None = Field(default=None, gt=0, description="default: train.lr (the probe's lr)")
     # The official code trains the shadow branch for all train.local_steps (null here), doubling local
     # compute; the probe separates clients from the first step on (held-out AUROC 1.0 at every step), and
-    # 2 shadow steps detected exactly as well at 1.08x round time instead of 1.78x (README, Safe-FedLLM).
+    # 2 shadow steps detected exactly as well at 1.08x round time instead of 1.78x (docs/guide/safety.md).
     shadow_steps: int | None = Field(default=2, ge=1, description="shadow-branch steps (null: train.local_steps)")
     fail_policy: Literal["open", "closed"] = Field(
         default="closed", description="when the probe cannot score a client: weight 1 (open) or 0 (closed)")

@@ -7,10 +7,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # annotations only: torch loads where tensors are read or written (3 s the CLI's --help saves)
+    import torch
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,6 +82,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
+        from safetensors.torch import save_file
+
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         _publish(tmp, path)
     except BaseException:
@@ -90,6 +92,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 

@@ -58,3 +58,12 @@ class RunLog:
             self.logger.removeHandler(h)
             h.close()
         self.logger.setLevel(self.previous_level)
+
+
+def console_log() -> None:
+    """fedguard's INFO lines on the console, for commands that write no run folder (align, probe build)."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("fedguard")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(RichHandler(show_path=False))

@@ -30,7 +30,7 @@ from fedguard.config import ExperimentConfig, LoraSettings, ModelConfig
 from fedguard.data.federation import ClientData, DataTokenizer
 from fedguard.data.prompts import load_prompts
 from fedguard.data.readers import load_source
-from fedguard.data.tokenize import collate, render_prompt
+from fedguard.data.tokenize import render_prompt
 from fedguard.evaluation.evaluator import final_answer_matches
 from fedguard.evaluation.generation import generate_batched
 from fedguard.evaluation.refusal import is_refusal
@@ -41,6 +41,7 @@ from fedguard.messages import RoundConfig
 from fedguard.model.fingerprint import folder_fingerprint
 from fedguard.model.loading import LoadedModel, load_base_model
 from fedguard.model.lora import attach_lora
+from fedguard.model.loss import heldout_loss
 from fedguard.model.registry import cache_root, file_lock, resolve_model_path
 from fedguard.seeding import numpy_rng
 
@@ -173,14 +174,8 @@ def evaluate_alignment(loaded, model, slot, loss_fn, adapter, sets: dict[str, li
         out[name] = {"refusal_rate": 100.0 * sum(refused) / len(refused), "n": len(refused),
                      "samples": [{"prompt": e.prompt_text, "response": r} for e, r in zip(examples, responses)][:4]}
     if loss_examples:
-        total, count = 0.0, 0
-        model.eval()
-        with torch.inference_mode():
-            for i in range(0, len(loss_examples), 16):
-                batch = collate(loss_examples[i: i + 16], loaded.tokenizer.pad_token_id).to(loaded.device)
-                loss, n = loss_fn(batch)
-                total, count = total + float(loss), count + n
-        out["benign_heldout_loss"] = total / max(count, 1)
+        out["benign_heldout_loss"] = heldout_loss(loss_fn, loss_examples, loaded.tokenizer.pad_token_id, 16,
+                                                  loaded.device)
     return out
 
 

@@ -72,7 +72,7 @@ def build_pairs(refusals: list[Example], compliances: list[Example], lookalikes:
 
 def sequence_logprobs(loss_fn, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion-token log-probability of each row, each row's completion-token count), with grad when
-    grad is enabled. ``loss_fn`` is the trainer's :class:`~fedguard.federated.client.CompletionLoss`."""
+    grad is enabled. ``loss_fn`` is the trainer's :class:`~fedguard.model.loss.CompletionLoss`."""
     rows = batch.target_positions[:, 0]
     nll = torch.nn.functional.cross_entropy(loss_fn.target_logits(batch).float(), batch.targets, reduction="none")
     n_rows = batch.input_ids.shape[0]

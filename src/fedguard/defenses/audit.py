@@ -19,7 +19,7 @@ and the median is one of them). d = max(z / z_threshold, s / absolute_margin); w
 
 What the audit cannot see: behaviour that its prompts do not exercise (a trigger phrase the server never
 sends), and an update that keeps the refusal answers likely on the server's prompts while changing behaviour
-elsewhere. The README's adaptive-attacker table measures both.
+elsewhere. docs/guide/safety.md's adaptive-attacker table measures both.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from fedguard.config import AuditConfig
-from fedguard.data.tokenize import TokenizedExample, collate
+from fedguard.data.tokenize import TokenizedExample
 from fedguard.messages import AdapterState, ClientUpdate
+from fedguard.model.loss import heldout_loss
 
 MAD_TO_SIGMA = 1.4826
 
@@ -97,18 +97,11 @@ class BehaviourAudit:
         ids = e.input_ids[e.prompt_len - keep_prompt: e.prompt_len + self.cfg.max_tokens - keep_prompt]
         return TokenizedExample(tuple(ids), keep_prompt)
 
-    @torch.inference_mode()
     def _mean_loss(self, examples: list[TokenizedExample]) -> float:
-        if not examples:
-            return 0.0
-        total, count = 0.0, 0
+        """Mean completion-token loss of one audit set; an empty set shifts nothing (0.0)."""
         device = next(iter(self.slot.named_parameters().values())).device
-        for i in range(0, len(examples), self.batch_size):
-            batch = collate(examples[i: i + self.batch_size], self.pad_id).to(device)
-            loss, n = self.loss_fn(batch)
-            total += float(loss)
-            count += n
-        return total / max(count, 1)
+        loss = heldout_loss(self.loss_fn, examples, self.pad_id, self.batch_size, device)
+        return 0.0 if loss is None else loss
 
     def _losses(self, adapter: AdapterState) -> tuple[float, float]:
         self.slot.load(adapter)

@@ -1,1 +1,2 @@
-"""A real Flower deployment of fedguard: credentials (certs.py) and the processes (launch.py)."""
+"""A real Flower deployment of fedguard: the SuperLink, SuperNode and run processes (launch.py); their
+credentials come from ``fedguard.pki``."""

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedguard.deploy.certs import make_credentials
+from fedguard.pki import make_credentials
 from fedguard.flower import OFFLINE_ENV
 
 log = logging.getLogger("fedguard")

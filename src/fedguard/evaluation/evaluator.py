@@ -15,10 +15,11 @@ import torch
 
 from fedguard.config import EvalConfig
 from fedguard.data.federation import EvalData
-from fedguard.data.tokenize import collate, render_prompt
+from fedguard.data.tokenize import render_prompt
 from fedguard.evaluation.generation import generate_batched
 from fedguard.evaluation.refusal import is_refusal, judge, keyword_refusal
 from fedguard.io import atomic_write_json
+from fedguard.model.loss import heldout_loss
 from fedguard.model.registry import cache_root
 
 log = logging.getLogger(__name__)
@@ -66,22 +67,9 @@ class Evaluator:
         self.triggered_prompts = [render_prompt(self.loaded.tokenizer, e.prompt_messages, self.system_prompt)
                                   for e in self.data.triggered_prompts]
 
-    @torch.inference_mode()
-    def heldout_loss(self) -> float:
-        total, count = 0.0, 0
-        ex = self.data.loss_examples
-        bs = self.cfg.batch_size
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for i in range(0, len(ex), bs):
-                batch = collate(ex[i: i + bs], self.loaded.tokenizer.pad_token_id).to(self.loaded.device)
-                loss, n = self.loss_fn(batch)
-                total += float(loss)
-                count += n
-        finally:
-            self.model.train(was_training)
-        return total / count if count else float("nan")
+    def heldout_loss(self) -> float | None:
+        return heldout_loss(self.loss_fn, self.data.loss_examples, self.loaded.tokenizer.pad_token_id,
+                            self.cfg.batch_size, self.loaded.device)
 
     def evaluate(self, adapter, samples: int = 3, cache: bool = False) -> dict[str, Any]:
         """Loss, safety and utility of ``adapter``. ``cache``: reuse (or store) the responses of an earlier
@@ -108,7 +96,7 @@ class Evaluator:
     def _outputs(self) -> dict[str, Any]:
         """The expensive part: held-out loss and the greedy responses to every prompt set."""
         m = self.cfg.max_new_tokens
-        return {"eval_loss": self.heldout_loss() if self.data.loss_examples else None,
+        return {"eval_loss": self.heldout_loss(),
                 "harmful": self._generate(self.harmful_prompts, m),
                 "overrefusal": self._generate(self.overrefusal_prompts, m),
                 "triggered": self._generate(self.triggered_prompts, m),

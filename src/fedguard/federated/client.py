@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fedguard.data.federation import ClientData
-from fedguard.data.tokenize import Batch, collate
+from fedguard.data.tokenize import collate
 from fedguard.federated.batches import batch_plan, sample_rate
 from fedguard.federated.compression import ErrorFeedback
 from fedguard.federated.lora_exact import lora_scaling, merge_delta, reinit_adapter
@@ -33,123 +33,12 @@ from fedguard.federated.transport import WireSpec, encode_update
 from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundConfig
 from fedguard.model.keys import is_lora_a
 from fedguard.model.loading import LoadedModel
+from fedguard.model.loss import CompletionLoss
 from fedguard.model.lora import AdapterSlot, embed_rank
 from fedguard.privacy.accountant import epsilon
 from fedguard.privacy.client_dp import privatize_update
 from fedguard.privacy.dpsgd import PrivateSteps, empty_step
 from fedguard.seeding import derive_seed, torch_generator
-
-
-def _lora_input_casting_off(peft_model):
-    """PEFT casts each LoRA input to the adapter's fp32 dtype; under autocast that is a wasted copy."""
-    try:
-        from peft.helpers import disable_input_dtype_casting
-    except ImportError:  # older PEFT: nothing to switch off
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return disable_input_dtype_casting(peft_model)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, for a frozen ``weight``.
-
-    The gradient with respect to ``hidden`` is computed during the forward pass, a chunk of rows at a
-    time, so no [positions, vocab] logits tensor (100 MB at 512 positions x 49k vocab in fp32) is
-    ever materialised or kept for backward: logits live only chunk by chunk in fp32, and backward is
-    a single multiply. Numerically this is the usual path: bf16 logits, fp32 log-sum-exp.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, row_weights=None):
-        grad = torch.empty_like(hidden)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            tgt = targets[start: start + chunk]
-            rows = torch.arange(len(tgt), device=hidden.device)
-            logits = (hidden[start: start + chunk] @ weight.t()).float()
-            picked = logits[rows, tgt]
-            # softmax and log-sum-exp in place: no further [chunk, vocab] allocations
-            peak = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(peak).exp_()
-            norm = probs.sum(dim=-1, keepdim=True)
-            losses = (peak + norm.log()).squeeze(-1) - picked
-            probs.div_(norm)
-            probs[rows, tgt] -= 1.0
-            if row_weights is not None:  # a weighted sum of the rows' losses (per-example means)
-                w = row_weights[start: start + chunk].float()
-                losses = losses * w
-                probs.mul_(w[:, None])
-            total += losses.sum()
-            grad[start: start + chunk] = probs.to(hidden.dtype) @ weight
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
-
-
-class CompletionLoss:
-    """Summed cross-entropy over completion tokens, computed from hidden states at those positions only."""
-
-    CHUNK = 64
-
-    def __init__(self, loaded: LoadedModel, peft_model):
-        self.loaded = loaded
-        self.peft_model = peft_model
-        base = peft_model.get_base_model()
-        self.decoder = base.get_decoder()
-        self.head = base.get_output_embeddings()
-        cfg = base.config
-        # Models that post-process logits (soft-capping, scaling) go through their own forward.
-        self.full_forward = bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
-        # The fused loss applies to a plain frozen head (not one that carries LoRA or a bias).
-        self.fused_head = (type(self.head) is torch.nn.Linear and self.head.bias is None
-                           and not self.head.weight.requires_grad)
-        self.base = base
-
-    def __call__(self, batch: Batch, per_example: bool = False) -> tuple[torch.Tensor, int]:
-        """(summed cross-entropy over the completion tokens, their count); ``per_example``: (the mean over the
-        batch's examples of each example's mean token loss, the number of examples), DP-SGD's loss."""
-        rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
-        weights, count = None, int(batch.targets.numel())
-        if per_example:
-            examples = int(batch.input_ids.shape[0])
-            per_row = torch.bincount(rows, minlength=examples).clamp(min=1)
-            weights, count = 1.0 / (per_row[rows].float() * examples), examples
-        with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
-            if self.fused_head and not self.full_forward and torch.is_grad_enabled():
-                hidden = self.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols]
-                weight = self.head.weight
-                if hidden.dtype != weight.dtype:
-                    hidden = hidden.to(weight.dtype)
-                return _LinearCrossEntropy.apply(hidden, weight, batch.targets, self.CHUNK, weights), count
-            logits = self._logits(batch, rows, cols)
-        losses = torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
-        return (losses.sum() if weights is None else (losses * weights).sum()), count
-
-    def _logits(self, batch: Batch, rows, cols) -> torch.Tensor:
-        if self.full_forward:
-            return self.base(input_ids=batch.input_ids).logits[rows, cols]
-        return self.head(self.decoder(input_ids=batch.input_ids).last_hidden_state[rows, cols])
-
-    def target_logits(self, batch: Batch) -> torch.Tensor:
-        """[completion tokens, vocab] logits at the positions that predict ``batch.targets`` (with grad when grad
-        is enabled): per-sequence log-probabilities for audits and preference losses."""
-        rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
-        with self.loaded.autocast(), _lora_input_casting_off(self.peft_model):
-            return self._logits(batch, rows, cols)
-
-    @torch.no_grad()
-    def per_row(self, batch: Batch) -> torch.Tensor:
-        """Summed completion-token cross-entropy of each row of ``batch`` (float64), for audits: rows are
-        right-padded and the model is causal, so a row's loss does not depend on its batch."""
-        rows = batch.target_positions[:, 0]
-        nll = torch.nn.functional.cross_entropy(self.target_logits(batch).float(), batch.targets, reduction="none")
-        return torch.zeros(batch.input_ids.shape[0], dtype=torch.float64, device=nll.device).index_add_(
-            0, rows, nll.double())
 
 
 def _with_proximal_term(objective, mu: float, anchor: AdapterState, params: dict[str, torch.nn.Parameter]):

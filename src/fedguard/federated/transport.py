@@ -9,8 +9,8 @@ Both sides know the run's ``WireSpec`` (from the ``communication`` and ``lora`` 
   as one safetensors blob in ``ClientUpdate.payload``.
 
 Client side, the last thing a client does (after training and after any simulated attacker has
-shaped the update): ``encode_update`` — or ``UplinkEncoder``, which keeps each client's
-error-feedback memory across the rounds it joins. Server side, the first thing the server does
+shaped the update): ``encode_update``, with the client's own error-feedback memory (``ClientState``'s
+residual, carried across the rounds it joins) where compression keeps one. Server side, the first thing the server does
 with an update: ``decode_update``, which turns a payload back into tensors (global + decoded
 delta) or rejects it (``UpdateRejected``, code ``bad_payload`` / ``wrong_encoding`` / ``oversize``)
 without ever raising anything else. The message stays a plain ``ClientUpdate`` either way, so a
@@ -117,40 +117,6 @@ def encode_update(update: ClientUpdate, global_adapter: Mapping[str, torch.Tenso
     delta = delta_from(tensors, reference)
     payload = feedback.step(codec, delta) if feedback is not None else codec.encode(delta)
     return replace(update, tensors={}, payload=payload_to_bytes(payload))
-
-
-class UplinkEncoder:
-    """``encode_update`` for a population of clients, each with its own error-feedback memory.
-
-    The memory is client-side state, like a client's optimizer state: ``state_dict`` /
-    ``load_state_dict`` carry it through checkpoints so a resumed run sends the same bytes.
-    """
-
-    def __init__(self, spec: WireSpec):
-        self.spec = spec
-        self.memory: dict[str, ErrorFeedback] = {}
-
-    @property
-    def keeps_memory(self) -> bool:
-        return self.spec.compressed and self.spec.error_feedback
-
-    def encode(self, update: ClientUpdate, global_adapter: Mapping[str, torch.Tensor],
-               rank: int | None = None) -> ClientUpdate:
-        feedback = self.memory.setdefault(str(update.client_id), ErrorFeedback()) if self.keeps_memory else None
-        return encode_update(update, global_adapter, self.spec, feedback, rank)
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {cid: fb.state_dict() for cid, fb in sorted(self.memory.items()) if fb.residual}
-
-    def load_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        if states and not self.keeps_memory:
-            raise ValueError("the checkpoint holds error-feedback memory but this run keeps none "
-                             "(communication.compression / error_feedback changed?)")
-        self.memory = {}
-        for cid, state in states.items():
-            fb = ErrorFeedback()
-            fb.load_state_dict(state)
-            self.memory[str(cid)] = fb
 
 
 # -- server side -------------------------------------------------------------------------------------------

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from fedguard.config import ExperimentConfig
 from fedguard.engine import Replies
-from fedguard.flower import records
+from fedguard.flower import records, secagg
 from fedguard.flower.client_app import config_from_context
-from fedguard.flower.secagg import secure_exchange
 from fedguard.simulation.population import build_population
 from fedguard.simulation.runner import run_experiment
 
@@ -83,7 +82,7 @@ class FlowerClients:
             self.enroll()
         if self.cfg.privacy.secure_aggregation != "none":  # Flower's SecAgg+: the server gets only the sum
 
-            return secure_exchange(self.grid, self.cfg, self.roster, server_round, instructions, progress)
+            return secagg.secure_exchange(self.grid, self.cfg, self.roster, server_round, instructions, progress)
         replies = Replies([], {})
         sent: dict[int, str] = {}  # node id -> client id this round
         outgoing = []

@@ -47,7 +47,7 @@ from fedguard.federated.client import LocalTrainer
 from fedguard.federated.compression import CompressionSpec
 from fedguard.federated.sampling import RoundPlan
 from fedguard.federated.server import FederatedServer
-from fedguard.federated.transport import UplinkEncoder, WireSpec, uplink_nbytes
+from fedguard.federated.transport import WireSpec, encode_update, uplink_nbytes
 from fedguard.io import NdjsonWriter, atomic_write_bytes, atomic_write_text, read_ndjson
 from fedguard.messages import AdapterState, ClientUpdate, RoundConfig, ServerState
 from fedguard.privacy.canaries import audited_client
@@ -342,8 +342,7 @@ def _server_for(method: str, cfg: ExperimentConfig, population, updates: list[Cl
         c = cfg.communication
         wire = WireSpec(CompressionSpec(method.removeprefix("codec:"), c.block_size, c.topk_fraction),
                         c.error_feedback)
-        encoder = UplinkEncoder(wire)
-        sent = [encoder.encode(u, theta0) for u in updates]
+        sent = [encode_update(u, theta0, wire) for u in updates]  # one round: no error-feedback memory yet
     else:
         aggregator = method
     server_cfg = cfg.server.model_copy(update={"aggregator": aggregator})
@@ -448,7 +447,7 @@ def write_study_report(cfg: ExperimentConfig, rows: list[dict], out_dir: Path) -
 
 
 def _summary_table(rows: list[dict], scenarios: list[str]) -> list[str]:
-    """Rules x scenarios: refusal % · held-out loss (the README's summary comes from here)."""
+    """Rules x scenarios: refusal % · held-out loss (docs/guide/aggregation.md's summary comes from here)."""
     if not scenarios:
         return []
     cell = {(r["scenario"], r["method"]): r["eval"] for r in rows}

@@ -7,7 +7,7 @@ norm + LM head + loss) of one resident model, and the per-step protocol with the
    ``forward`` sends ``h̃_A`` and the per-row token counts (never a mask, positions or token ids);
 2. the server's reply ``h_B`` becomes a leaf; C runs on it and fedguard's completion-only loss (the mean
    cross-entropy over the completion tokens of the batch, the LM head applied at those positions only, as
-   ``fedguard.federated.client.CompletionLoss`` does) is back-propagated; C's optimizer steps;
+   ``fedguard.model.loss.CompletionLoss`` does) is back-propagated; C's optimizer steps;
    ``g_B = ∂loss/∂h_B``, optionally clipped per sample to L2 ``grad_noise.clip`` and given Gaussian noise of
    std ``grad_noise.std`` on the real positions (off by default);
 3. ``backward`` sends ``g_B``; the reply ``g_A = ∂loss/∂h̃_A`` is back-propagated into the *clean* ``h_A``
@@ -48,10 +48,10 @@ import torch
 
 from fedguard.config import ExperimentConfig
 from fedguard.data.tokenize import Batch, TokenizedExample, collate
-from fedguard.federated.client import CompletionLoss, _LinearCrossEntropy
 from fedguard.federated.sampling import round_lr
 from fedguard.model.blocks import BlockSeam, padding_mask_from_counts
 from fedguard.model.keys import AdapterState
+from fedguard.model.loss import head_loss, mean_token_loss
 from fedguard.seeding import derive_seed, torch_generator
 from fedguard.split.messages import (
     WIRE_DTYPES,
@@ -78,19 +78,9 @@ def count_batches(examples: Sequence[TokenizedExample], pad_id: int, size: int) 
 
 def completion_loss(seam: BlockSeam, final_hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over the batch's completion tokens, their count) from C's output (after the final
-    norm): the LM head at the target positions only, fedguard's fused head + cross-entropy where the head is a
-    plain frozen Linear (``CompletionLoss``), else head then cross-entropy."""
+    norm): the LM head at the target positions only (``model.loss.head_loss``, fused where the head allows)."""
     rows, cols = batch.target_positions[:, 0], batch.target_positions[:, 1]
-    hidden = final_hidden[rows, cols]
-    head = seam.head
-    count = int(batch.targets.numel())
-    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad \
-            and torch.is_grad_enabled():
-        if hidden.dtype != head.weight.dtype:
-            hidden = hidden.to(head.weight.dtype)
-        return _LinearCrossEntropy.apply(hidden, head.weight, batch.targets, CompletionLoss.CHUNK, None), count
-    logits = head(hidden)
-    return torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum"), count
+    return head_loss(seam.head, final_hidden[rows, cols], batch.targets), int(batch.targets.numel())
 
 
 class SplitClient:
@@ -259,9 +249,10 @@ class SplitClient:
                 "seconds": time.perf_counter() - t0}
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[tuple[Batch, torch.Tensor]], step: int = 1) -> float:
-        """Mean completion-token loss over ``batches`` through the server (no noise, nothing trained)."""
-        total, count = 0.0, 0
+    def evaluate(self, batches: Sequence[tuple[Batch, torch.Tensor]], step: int = 1) -> float | None:
+        """Mean completion-token loss over ``batches`` through the server (no noise, nothing trained); None for
+        no batches."""
+        losses = []
         for batch, counts in batches:
             shape = (batch.input_ids.shape[0], batch.input_ids.shape[1], self.hidden_size)
             with self.lock:
@@ -275,10 +266,8 @@ class SplitClient:
             with self.lock:
                 self.activate(train=False)
                 with self.autocast():
-                    loss_sum, n = completion_loss(self.seam, self.seam.back(h_b, counts), batch)
-            total += float(loss_sum)
-            count += n
-        return total / count if count else float("nan")
+                    losses.append(completion_loss(self.seam, self.seam.back(h_b, counts), batch))
+        return mean_token_loss(losses)
 
     def adapter_state(self) -> AdapterState:
         """This client's LoRA of A and C (PEFT keys)."""

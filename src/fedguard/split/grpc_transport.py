@@ -33,7 +33,7 @@ headers; only completed exchanges count.
 
 TLS is always on outside tests; :meth:`GrpcTransport.insecure_for_tests` and :func:`serve_insecure_for_tests`
 are plaintext, loopback only, with no identity binding. Certificates come from
-:mod:`fedguard.deploy.certs` (``make_credentials`` for the CA and the server's certificate,
+:mod:`fedguard.pki` (``make_credentials`` for the CA and the server's certificate,
 ``make_client_cert`` for each client).
 """
 
@@ -57,8 +57,9 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from fedguard.identity import CLIENT_ID_RULE, is_client_id
+from fedguard.pki import CLIENT_ID_RULE, is_client_id
 from fedguard.split.messages import KINDS, PROTOCOL_VERSION, ProtocolError
+from fedguard.split.transport import ByteMeter
 from fedguard.split.proto import split_pb2
 
 __all__ = [
@@ -220,47 +221,6 @@ def _step(meta: Mapping[str, Any]) -> int:
 
 # ----------------------------------------------------------------------------------------------- byte counts
 
-class _Meter:
-    """Envelope bytes per client and kind, "up" (client -> server) and "down", and exchanges per kind; the
-    in-process transport's ``bytes`` / ``bytes_of`` / ``messages`` shape. Thread-safe; reads are copies."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.reset_bytes()
-
-    def reset_bytes(self) -> None:
-        with self._lock:
-            self._bytes: dict[str, dict[str, dict[str, int]]] = {}  # client_id -> kind -> up/down
-            self._messages: dict[str, int] = {}
-
-    def _count(self, client_id: str, kind: str, up: int, down: int) -> None:
-        with self._lock:
-            d = self._bytes.setdefault(client_id, {}).setdefault(kind, {"up": 0, "down": 0})
-            d["up"] += up
-            d["down"] += down
-            self._messages[kind] = self._messages.get(kind, 0) + 1
-
-    def bytes_of(self, client_id: str | None = None) -> dict[str, dict[str, int]]:
-        """Bytes per kind and direction so far (one client's, or everyone's)."""
-        with self._lock:
-            out: dict[str, dict[str, int]] = {}
-            for cid, kinds in self._bytes.items():
-                if client_id is None or cid == client_id:
-                    for kind, d in kinds.items():
-                        o = out.setdefault(kind, {"up": 0, "down": 0})
-                        o["up"] += d["up"]
-                        o["down"] += d["down"]
-            return out
-
-    @property
-    def bytes(self) -> dict[str, dict[str, int]]:
-        return self.bytes_of()
-
-    @property
-    def messages(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._messages)
-
     def total_bytes(self) -> dict[str, int]:
         """{"up": .., "down": ..} over every kind and client."""
         b = self.bytes
@@ -309,7 +269,7 @@ def _peer_identities(context: grpc.ServicerContext) -> set[str]:
 
 # ----------------------------------------------------------------------------------------------- server
 
-class SplitServer(_Meter):
+class SplitServer(ByteMeter):
     """A running split-learning gRPC server (made by :func:`serve`). ``port`` is the bound port, ``bytes`` the
     envelope bytes per kind (up: received, down: sent; a request with an invalid kind counts as "invalid");
     ``stop()`` ends it (also as a context manager)."""
@@ -462,7 +422,7 @@ def serve_insecure_for_tests(handler: Handler, address: str = "127.0.0.1:0", *,
 
 # ----------------------------------------------------------------------------------------------- client
 
-class GrpcTransport(_Meter):
+class GrpcTransport(ByteMeter):
     """A split client's connection to the server over mutual TLS.
 
     ``root_cert``: the CA that signed the server's certificate (the federation's ca.crt);
@@ -500,7 +460,7 @@ class GrpcTransport(_Meter):
         self._channel = channel
         self._rpc = channel.unary_unary(_METHOD)  # bytes in, bytes out
         self._ids = itertools.count(1)
-        _Meter.__init__(self)
+        ByteMeter.__init__(self)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the channel is connected (e.g. the server is still starting)."""

@@ -46,7 +46,7 @@ Client (``fedguard split train|generate CONFIG --server HOST:PORT --client-id ID
 * ``generate`` (:func:`generate_remote`): loads ``client-<ID>.safetensors`` from ``--adapters`` and decodes
   greedily through the server (KV cache per party).
 
-Credentials (``fedguard split certs DIR --clients N``, ``deploy.certs``): ``DIR/ca.crt``, ``DIR/ca.key`` (keep
+Credentials (``fedguard split certs DIR --clients N``, ``fedguard.pki``): ``DIR/ca.crt``, ``DIR/ca.key`` (keep
 offline), ``DIR/server.pem`` / ``server.key`` and ``DIR/clients/<ID>.pem`` / ``<ID>.key`` for ids ``0 .. N-1``.
 A client site needs only ``ca.crt`` and its own pair, in that layout.
 
@@ -75,7 +75,7 @@ import torch
 from fedguard.alignment import load_start_model
 from fedguard.config import ConfigError, ExperimentConfig
 from fedguard.data.federation import build_client_data
-from fedguard.identity import CLIENT_ID_RULE, is_client_id
+from fedguard.pki import CLIENT_ID_RULE, is_client_id
 from fedguard.io import NdjsonWriter, atomic_write_json, load_tensors
 from fedguard.model import attach_lora
 from fedguard.model.blocks import BlockSeam

@@ -1,4 +1,8 @@
-"""Certificates and keys for a Flower deployment, made with ``cryptography`` (no openssl scripts).
+"""The federation's PKI, made with ``cryptography`` (no openssl scripts), and the rule for a participant's name.
+
+A client id travels in messages and is what a certificate names (TLS CN and DNS SAN): one rule
+(``CLIENT_ID``) for certificates, the split protocol and the command line. Certificates and keys serve a Flower
+deployment (``fedguard deploy``) and the split-learning transport (``fedguard split``).
 
 ``make_credentials(out, nodes, hosts)`` writes:
 
@@ -21,12 +25,18 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedguard.identity import CLIENT_ID_RULE, is_client_id
 
+CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CLIENT_ID_RULE = "1-64 of [A-Za-z0-9._-], starting with a letter or digit"
 VALID_DAYS = 365
+
+
+def is_client_id(value: object) -> bool:
+    return isinstance(value, str) and CLIENT_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
