@@ -14,7 +14,8 @@ from fedguard.federated.aggregation import FedAvg
 from fedguard.federated.client import LocalTrainer
 from fedguard.model.keys import is_lora_a
 from fedguard.federated.lora_exact import lora_scaling, product_average, reinit_adapter
-from fedguard.federated.server import FederatedServer, flora_merged
+from fedguard.federated.server import FederatedServer
+from fedguard.federated.strategies import flora_merged
 from fedguard.messages import ClientUpdate, RoundConfig, ServerState
 from fedguard.io import load_tensors, read_ndjson
 from fedguard.model.lora import embed_rank, initial_adapter_state, truncate_rank

@@ -13,7 +13,7 @@ from fedguard.io import read_ndjson
 from fedguard.run_dir import METRICS_FILE
 from fedguard.simulation.metrics import screening_summary
 from fedguard.simulation.runner import run_experiment
-from fedguard.recipes.sweep import _detection, _series
+from fedguard.reporting.sweep import _series, detection
 
 SCREENING_RULES = {"krum", "multikrum", "bulyan", "flame", "dnc", "foolsgold", "lasa"}
 
@@ -159,9 +159,9 @@ def test_screening_summary_against_ground_truth():
 def test_sweep_detection_falls_back_to_screening():
     screened = {"screening": {"detection": {"tpr": 1.0, "fpr": 0.0, "auroc": 1.0}}}
     probed = {"defense": {"detection": {"tpr": 0.5, "fpr": 0.5}}}
-    assert _detection([screened, {"round": 0}]) == {"tpr": 1.0, "fpr": 0.0, "auroc": 1.0}
+    assert detection([screened, {"round": 0}]) == {"tpr": 1.0, "fpr": 0.0, "auroc": 1.0}
     # the probe defense's detection wins where a round has both
-    assert _detection([{**screened, **probed}]) == {"tpr": 0.5, "fpr": 0.5, "auroc": None}
+    assert detection([{**screened, **probed}]) == {"tpr": 0.5, "fpr": 0.5, "auroc": None}
     assert _series(screened, "tpr") == 100.0 and _series({**screened, **probed}, "fpr") == 50.0
     assert _series({"round": 1}, "tpr") is None
 

@@ -106,3 +106,44 @@ def test_no_valid_update_keeps_the_global_adapter():
     server = FederatedServer(FedAvg(), max_update_bytes=1 << 20)
     out = server.aggregate_round(2, GLOBAL, [upd("x", float("inf"))], ServerState())
     assert out.accepted == [] and torch.equal(out.global_adapter["a.lora_B.weight"], GLOBAL["a.lora_B.weight"])
+
+
+def test_an_aggregation_strategy_from_outside_the_package_runs_a_round():
+    """Adding a way of combining adapters is one class and one registration: the server runs it after its own
+    validation (bad messages are still refused), and the DP and secure-sum wrappers refuse what they cannot sum."""
+    from fedguard.federated.strategies import STRATEGIES, Aggregated, AggregationStrategy, register_strategy
+
+    @register_strategy
+    class LargestClient(AggregationStrategy):
+        """The global adapter becomes the update of the client with the most examples."""
+        name = "largest-client"
+
+        def aggregate(self, r):
+            if not r.accepted:
+                return Aggregated({k: v.clone() for k, v in r.global_adapter.items()})
+            top = max(r.accepted, key=lambda u: u.num_examples)
+            return Aggregated(r.wire.full_view(top.tensors, r.global_adapter),
+                              report={"method": self.name, "client": top.client_id})
+
+    try:
+        server = FederatedServer(FedAvg(), max_update_bytes=1 << 20, lora_aggregation="largest-client")
+        out = server.aggregate_round(1, GLOBAL, [upd("a", 1.0, 3), upd("b", 5.0, 7), upd("n", float("nan"), 9)],
+                                     ServerState())
+        assert out.accepted == ["a", "b"] and set(out.rejected) == {"n"}
+        assert out.lora_aggregation == {"method": "largest-client", "client": "b"}
+        assert all(torch.equal(t, torch.full_like(t, 5.0)) for t in out.global_adapter.values())
+        with pytest.raises(ValueError, match="needs naive LoRA aggregation"):
+            FederatedServer(FedAvg(), 1 << 20, lora_aggregation="largest-client", secure_clip=1.0)
+    finally:
+        STRATEGIES.pop("largest-client")
+    with pytest.raises(ValueError, match="unknown lora_aggregation 'largest-client' \\(known: flora, naive, product\\)"):
+        FederatedServer(FedAvg(), 1 << 20, lora_aggregation="largest-client")
+
+
+def test_a_secure_round_nobody_took_part_in_moves_nothing():
+    """DP's Poisson sampling can draw no client: the secure server gets no sum and no update, and the round is the
+    sum of nothing (a run crashed on it before)."""
+    server = FederatedServer(FedAvg(), 1 << 20, secure_clip=1.0)
+    out = server.aggregate_round(3, GLOBAL, [], ServerState())
+    assert out.accepted == [] and out.privacy["clients"] == 0 and out.privacy["skipped"] == "no client took part"
+    assert all(torch.equal(out.global_adapter[k], GLOBAL[k]) for k in GLOBAL)

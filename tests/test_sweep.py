@@ -105,7 +105,7 @@ def test_sweep_compares_with_benign_only_on_the_same_prompts(tmp_path):
     # Any two finished runs compare the same way; runs evaluated on other prompts are not paired.
     import shutil
 
-    from fedguard.recipes.sweep import compare_runs
+    from fedguard.reporting.runs import compare_runs
 
     lines = compare_runs(out / "t-2to2-client", out / "t-2to2-none")
     assert lines[0].startswith("t-2to2-client: refusal") and "[" in lines[0]

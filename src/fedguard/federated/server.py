@@ -8,18 +8,10 @@ accepted ones and advance the server state.
 The server sees ``ClientUpdate``s and nothing else; ground truth about clients (which are malicious,
 in later issues) lives only in the simulation's metadata.
 
-How LoRA adapters are combined:
-
-* ``lora_aggregation = "naive"``: the configured aggregator on the tensors clients send (A and B
-  averaged separately by FedAvg; under FFA-LoRA, B only, with A frozen, which is exact);
-* ``lora_aggregation = "product"``: the exact FedAvg-weighted mean of the clients' products
-  s·B_k A_k, re-factorised to rank r by truncated SVD (``lora_exact.product_average``), with the
-  error of naive averaging and of the refactorisation reported per round;
-* ``lora_aggregation = "flora"``: FLoRA. Clients of any rank r_k ≤ r send fresh adapters; the
-  server stacks them (``lora_exact.flora_stack``: exactly Σ p_k (alpha/r_k) B_k A_k), adds that to
-  the merged update it keeps in ``ServerState.tensors`` (``flora/<module>``, float64) and sends the
-  stacked adapter to every client, which merges it into its base weights. The global adapter
-  itself stays as it was (B = 0): every client re-initialises its own each round.
+How LoRA adapters are combined is the server's aggregation strategy (``fedguard.federated.strategies``):
+``naive`` (the configured rule on A and B separately; under FFA-LoRA on B only, which is exact), ``product``
+(exact product averaging, re-factorised by SVD) or ``flora`` (FLoRA stacking into the clients' base weights);
+client-level DP and secure summation wrap it.
 """
 
 from __future__ import annotations
@@ -35,31 +27,13 @@ from typing import Any
 
 import torch
 
-from fedguard.aggregators.base import counted_updates
 from fedguard.federated.aggregation import Aggregator
-from fedguard.federated.compression import state_nbytes
 from fedguard.federated.sampling import RoundPlan
-from fedguard.federated.lora_exact import (
-    adapter_ranks,
-    flora_stack,
-    lora_scaling,
-    product_average,
-)
-from fedguard.federated.transport import downlink_nbytes as wire_downlink_nbytes
+from fedguard.federated.strategies import (AggregationStrategy, ClientLevelDPRelease, RoundInput, SecureSummation,
+                                           build_strategy)
 from fedguard.federated.transport import WireSpec, decode_update
-from fedguard.model.keys import is_lora_a
+from fedguard.federated.validation import UpdateRejected, UpdateSpec, validate_update
 from fedguard.messages import AdapterState, ClientUpdate, Instructions, RoundConfig, ServerState, UpdateSum
-from fedguard.federated.validation import UpdateRejected, UpdateSpec, check_keys_are_names, validate_update
-from fedguard.seeding import derive_seed
-
-LORA_AGGREGATIONS = ("naive", "product", "flora")
-PRIVACY_META = "privacy"  # ServerState.meta: the DP accountant's history
-FLORA_PREFIX = "flora/"  # ServerState.tensors keys of FLoRA's merged update, per module
-# ServerState.meta under FLoRA: the bytes of each round's stacked adapter, and per client how many of those
-# stacks it has fetched and merged (a client that sat out rounds fetches every stack it missed).
-FLORA_STACKS = "flora_stack_bytes"
-FLORA_SYNCED = "flora_synced"
-FLORA_LEGACY_DOWNLINK = "flora_downlink_bytes"  # older checkpoints: the last stack, charged to every client
 
 
 REASON_CHARS = 300  # a rejection reason is cut to this: it never echoes a payload into the run's logs
@@ -81,10 +55,6 @@ def display_id(client_id) -> str:
 def cap_reason(text: str) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
-
-def flora_merged(state: ServerState) -> dict[str, torch.Tensor]:
-    """FLoRA's merged update so far, ``{module: ΔW}`` (float64): what every client has added to its base."""
-    return {k[len(FLORA_PREFIX):]: t for k, t in state.tensors.items() if k.startswith(FLORA_PREFIX)}
 
 log = logging.getLogger(__name__)
 
@@ -109,37 +79,39 @@ class RoundOutcome:
 
 class FederatedServer:
     def __init__(self, aggregator: Aggregator, max_update_bytes: int, defense=None, *, wire: WireSpec | None = None,
-                 lora_aggregation: str = "naive", lora_alpha: float = 1.0, seed: int = 0,
+                 lora_aggregation: str | AggregationStrategy = "naive", lora_alpha: float = 1.0, seed: int = 0,
                  plan: RoundPlan | None = None, max_abs_value: float = math.inf, privacy=None,
                  secure_clip: float | None = None, realign=None):
-        """``wire``: what clients send (default: every tensor, uncompressed); ``lora_alpha``: LoRA's
-        alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run
-        seed (product averaging draws fresh A rows for directions the mean does not use); ``plan``: who
-        trains when (needed by ``configure``); ``privacy``: client-level DP (``ClientLevelDP``);
-        ``secure_clip``: the round's updates reach the server only as a secure sum, each clipped by its client
-        to this norm (the engine runs secure aggregation and passes ``summed`` to ``aggregate_round``)."""
-        if lora_aggregation not in LORA_AGGREGATIONS:
-            raise ValueError(f"unknown lora_aggregation '{lora_aggregation}' (known: {', '.join(LORA_AGGREGATIONS)})")
-        if lora_aggregation == "flora" and (wire is not None and (wire.compressed or wire.lora_b_only)):
-            raise ValueError("FLoRA clients send their own rank's plain A and B tensors")
+        """``wire``: what clients send (default: every tensor, uncompressed); ``lora_aggregation``: how adapters
+        are combined, a strategy's name (``fedguard.federated.strategies``) or a strategy; ``lora_alpha``: LoRA's
+        alpha, a rank-r adapter runs with s = alpha / r (product averaging, FLoRA); ``seed``: the run seed
+        (product averaging draws fresh A rows for directions the mean does not use); ``plan``: who trains when
+        (needed by ``configure``); ``privacy``: client-level DP (``ClientLevelDP``); ``secure_clip``: the round's
+        updates reach the server only as a secure sum, each clipped by its client to this norm (the engine runs
+        secure aggregation and passes ``summed`` to ``aggregate_round``). DP and secure summation wrap the
+        strategy."""
+        strategy = lora_aggregation if isinstance(lora_aggregation, AggregationStrategy) else \
+            build_strategy(lora_aggregation, aggregator, lora_alpha, seed)
         self.aggregator = aggregator
         self.max_update_bytes = int(max_update_bytes)
         self.defense = defense  # optional: per-client weights from a probe (fedguard.defenses)
         self.wire = wire if wire is not None else WireSpec()
-        self.lora_aggregation = lora_aggregation
-        self.lora_alpha = float(lora_alpha)
-        self.seed = int(seed)
+        strategy.check(self.wire)
+        self.lora_aggregation = strategy.name
         self.plan = plan
         self.max_abs_value = float(max_abs_value)
         self.privacy = privacy  # optional: client-level DP (fedguard.privacy.client_dp.ClientLevelDP)
         self.secure_clip = secure_clip
         self.realign = realign  # optional: server-side steps on its own safety data after aggregation
-        if realign is not None and lora_aggregation == "flora":
-            raise ValueError("server-side realignment needs a global adapter; FLoRA has none")
-        if (privacy is not None or secure_clip is not None) and lora_aggregation != "naive":
-            raise ValueError("client-level DP and secure aggregation need naive LoRA aggregation")
+        if realign is not None and not strategy.keeps_global_adapter:
+            raise ValueError(f"server-side realignment needs a global adapter; {strategy.name} has none")
+        if privacy is not None:
+            strategy = ClientLevelDPRelease(strategy, privacy)
+        elif secure_clip is not None:
+            strategy = SecureSummation(strategy, secure_clip)
         if secure_clip is not None and defense is not None:
             raise ValueError("secure aggregation hides single updates: no per-client defense can run with it")
+        self.strategy = strategy
 
     def configure(self, server_round: int, global_adapter: AdapterState, state: ServerState) -> dict[str, Instructions]:
         """The round's sampled clients and what each receives: its round config and the downlink (under
@@ -147,7 +119,7 @@ class FederatedServer:
         if self.plan is None:
             raise ValueError("configure needs the server's RoundPlan")
         base = self.plan.round_config(server_round)
-        delta = flora_merged(state) if self.lora_aggregation == "flora" else None
+        delta = self.strategy.downlink(state)
         return {str(c): Instructions(str(c), self.client_config(base, str(c), state), global_adapter, delta,
                                      state.round)
                 for c in self.plan.sampled(server_round)}
@@ -171,17 +143,8 @@ class FederatedServer:
         return {}
 
     def downlink_nbytes(self, global_adapter: AdapterState, state: ServerState, client_id: str) -> int:
-        """Bytes ``client_id`` fetches at the start of a round: the global tensors it needs, or under FLoRA
-        the stacked adapters of the rounds it has not merged yet (nothing in round 1), or the dense merged
-        update in fp32 where that is smaller."""
-        if self.lora_aggregation != "flora":
-            return wire_downlink_nbytes(global_adapter, self.wire)
-        if FLORA_STACKS not in state.meta and FLORA_LEGACY_DOWNLINK in state.meta:
-            return int(state.meta[FLORA_LEGACY_DOWNLINK])  # a checkpoint from before per-client metering
-        stacks = state.meta.get(FLORA_STACKS, [])
-        missed = sum(stacks[int(state.meta.get(FLORA_SYNCED, {}).get(str(client_id), 0)):])
-        dense = sum(4 * d.numel() for d in flora_merged(state).values())
-        return int(min(missed, dense))
+        """Bytes ``client_id`` fetches at the start of a round (the strategy's: FLoRA fetches stacks)."""
+        return self.strategy.downlink_nbytes(global_adapter, state, client_id, self.wire)
 
     def restore(self, state: ServerState) -> None:
         """Bring stateful server components back to a checkpointed state."""
@@ -196,6 +159,10 @@ class FederatedServer:
         under secure aggregation, the sum the engine's protocol produced (``updates`` is then empty: the
         server never holds a single update)."""
         sent_global = self.wire.sent_view(global_adapter)
+        if summed is None and self.secure_clip is not None and not updates:
+            # nobody took part (DP's Poisson sampling drew no client, or none could send): the sum of nothing
+            summed = UpdateSum({k: torch.zeros_like(t, dtype=torch.float64) for k, t in sent_global.items()}, [],
+                               report={"secure_aggregation": "secagg+", "skipped": "no client took part"})
         if (summed is not None) != (self.secure_clip is not None):
             raise ValueError("a server with secure aggregation takes the round's sum and nothing else"
                              if self.secure_clip is not None else "this server aggregates single updates, not sums")
@@ -205,8 +172,7 @@ class FederatedServer:
             self._check_sum(summed, sent_global)
         spec = UpdateSpec.from_adapter(sent_global, self.max_update_bytes, self.max_abs_value, whole=global_adapter)
         accepted, rejected = self._admit(server_round, global_adapter, updates, spec, sent_to)
-        verdicts, weights, skipped, report, meta, screening = [], None, False, None, dict(state.meta), None
-        privacy, accepted_ids = None, None
+        verdicts, weights, skipped, meta = [], None, False, dict(state.meta)
         if accepted and self.defense is not None:
             # The defense judges whole adapters: under FFA-LoRA the frozen A is filled in (its delta is 0).
             whole = [replace(u, tensors=self.wire.full_view(u.tensors, global_adapter)) for u in accepted]
@@ -217,35 +183,12 @@ class FederatedServer:
                 if skipped:
                     log.warning("round %d: mean defense weight %.3f is below the skip threshold; global adapter "
                                 "kept", server_round, judged.mean_weight)
-        if accepted and not skipped and self.lora_aggregation == "product":
-            new_global, report = self._product_average(server_round, global_adapter, accepted, weights)
-        elif self.lora_aggregation == "flora":
-            merged = accepted if not skipped else []
-            # Every client that took part fetched the stacks so far; this round's stack is fetched later.
-            stacks = list(meta.get(FLORA_STACKS, []))
-            fetched = sent_to if sent_to is not None else [getattr(u, "client_id", "?") for u in updates]
-            meta[FLORA_SYNCED] = {**meta.get(FLORA_SYNCED, {}), **{str(c): len(stacks) for c in fetched}}
-            report, stack_bytes = self._flora(merged, weights if merged else None, state)
-            meta[FLORA_STACKS] = stacks + [stack_bytes]
-            new_global = {k: v.clone() for k, v in global_adapter.items()}
-            if not accepted:
-                log.warning("round %d: no valid update; nothing merged", server_round)
-        elif self.privacy is not None or summed is not None:
-            # DP: noise every round, even one nobody answered; no skipping under DP
-            if summed is None:
-                summed = self.privacy.clip_sum(sent_global, accepted, weights, state)
-            new_sent, privacy = self._release(server_round, sent_global, summed, state, meta)
-            new_global = {k: t.clone() for k, t in self.wire.full_view(new_sent, global_adapter).items()}
-            accepted_ids = list(summed.clients)
-            skipped = False
-        elif accepted and not skipped:
-            new_sent = self.aggregator.aggregate(sent_global, accepted, state, client_weights=weights)
-            screening = self.aggregator.screening
-            new_global = {k: t.clone() for k, t in self.wire.full_view(new_sent, global_adapter).items()}
-        else:
-            if not accepted:
-                log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
-            new_global = {k: v.clone() for k, v in global_adapter.items()}
+        out = self.strategy.aggregate(RoundInput(server_round, global_adapter, sent_global, accepted, weights, skipped,
+                                                 state, meta, self.wire, sent_to, updates, summed))
+        new_global, report, screening, privacy = out.global_adapter, out.report, out.screening, out.privacy
+        accepted_ids = out.accepted_ids
+        if out.skipped is not None:
+            skipped = out.skipped
         realigned = None
         if self.realign is not None and (accepted or accepted_ids) and not skipped:
             # after the aggregate (and after DP's noise: post-processing on the server's own data costs no privacy)
@@ -265,20 +208,6 @@ class FederatedServer:
             raise ValueError("the secure sum's tensors do not match the global adapter's")
         if not all(bool(torch.isfinite(t).all()) for t in summed.total.values()):
             raise ValueError("the secure sum is not finite")
-
-    def _release(self, server_round: int, sent_global: AdapterState, summed: UpdateSum, state: ServerState,
-                 meta: dict[str, Any]) -> tuple[AdapterState, dict[str, Any] | None]:
-        """The new sent tensors from the round's sum: DP's noisy release, or (secure aggregation alone) the
-        configured rule (FedAvg, a server optimiser) on the uniform mean of the summed updates."""
-        if self.privacy is not None:
-            new_sent, report, meta[PRIVACY_META] = self.privacy.release(server_round, sent_global, summed, state)
-            return new_sent, report
-        report = {"mode": "secure_aggregation", "clients": summed.count, "clip": self.secure_clip, **summed.report}
-        if not summed.count:
-            return {k: v.clone() for k, v in sent_global.items()}, report
-        mean = ClientUpdate("secure-sum", {k: (sent_global[k].double() + summed.total[k] / summed.count).to(
-            sent_global[k].dtype) for k in sent_global}, 1)
-        return self.aggregator.aggregate(sent_global, [mean], state), report
 
     def _admit(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
                spec: UpdateSpec, sent_to: Sequence[str] | None) -> tuple[list[ClientUpdate], dict[str, str]]:
@@ -303,7 +232,7 @@ class FederatedServer:
                     continue
                 seen.add(cid)
                 u = decode_update(u, global_adapter, self.wire, self.max_update_bytes)
-                validate_update(u, self._rank_spec(spec, u) if self.lora_aggregation == "flora" else spec)
+                validate_update(u, self.strategy.update_spec(spec, u))
             except UpdateRejected as exc:
                 rejected.setdefault(cid, cap_reason(str(exc)))
                 log.warning("round %d: rejected update from client %s (%s)", server_round, cid, rejected[cid])
@@ -344,56 +273,3 @@ class FederatedServer:
             for u in keep:
                 rejected[u.client_id] = cap_reason(f"defense_error: {type(exc).__name__}: {exc}")
             return None, set()
-
-    @staticmethod
-    def _rank_spec(spec: UpdateSpec, update: ClientUpdate) -> UpdateSpec:
-        """FLoRA: the shapes of ``spec`` at the update's own rank (one rank for all modules, 1..r)."""
-        tensors = update.tensors if isinstance(update.tensors, dict) else {}
-        check_keys_are_names(tensors)
-        ranks = {int(t.shape[0]) for k, t in tensors.items()
-                 if is_lora_a(k) and isinstance(t, torch.Tensor) and t.dim() == 2}
-        r = max((s[0] for k, s in spec.shapes.items() if is_lora_a(k)), default=0)
-        if len(ranks) != 1 or not 1 <= min(ranks) <= r:
-            raise UpdateRejected("wrong_rank", f"lora_A ranks {sorted(ranks)}; FLoRA needs one rank between 1 and {r}")
-        rank = ranks.pop()
-        shapes = {k: (rank, s[1]) if is_lora_a(k) else (s[0], rank) for k, s in spec.shapes.items()}
-        return replace(spec, shapes=shapes)
-
-    def _flora(self, updates: Sequence[ClientUpdate], client_weights: Sequence[float] | None,
-               state: ServerState) -> tuple[dict[str, Any] | None, int]:
-        """Stack the accepted adapters (examples × defense weight), add Σ p_k s_k B_k A_k to the merged update;
-        returns the round's report and the bytes of the stacked adapter clients fetch."""
-        counted = counted_updates(updates, client_weights)
-        if not counted:
-            return None, 0
-        ranks = [set(adapter_ranks(c.update.tensors).values()).pop() for c in counted]
-        agg = flora_stack([c.update.tensors for c in counted], [c.example_weight for c in counted],
-                          scalings=[lora_scaling(self.lora_alpha, r) for r in ranks])
-        for module, delta in agg.delta.items():
-            key = FLORA_PREFIX + module
-            previous = state.tensors.get(key)
-            state.tensors[key] = delta.double() if previous is None else previous + delta.double()
-        norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in agg.delta.values()))
-        report = {"method": "flora", "ranks": {c.update.client_id: r for c, r in zip(counted, ranks)},
-                  "stacked_rank": sum(ranks), "delta_norm": norm}
-        return report, state_nbytes(agg.adapter)
-
-    def _product_average(self, server_round: int, global_adapter: AdapterState, updates: Sequence[ClientUpdate],
-                         client_weights: Sequence[float] | None) -> tuple[AdapterState, dict[str, Any] | None]:
-        """FedAvg's weights (examples × defense weight) on the products B_k A_k instead of on A and B."""
-        counted = counted_updates(updates, client_weights)
-        if not counted:  # every client weighted to zero: keep the global adapter, as every rule does
-            return {k: v.clone() for k, v in global_adapter.items()}, None
-        ranks = set(adapter_ranks(global_adapter).values())
-        if len(ranks) != 1:
-            raise ValueError(f"product averaging needs one LoRA rank, the global adapter has {sorted(ranks)}")
-        rank = ranks.pop()
-        s = lora_scaling(self.lora_alpha, rank)
-        # Unused directions get fresh A rows (B stays 0 there), seeded by round so a resumed run agrees.
-        agg = product_average([c.update.tensors for c in counted], [c.example_weight for c in counted],
-                              scalings=s, out_scaling=s, rank=rank,
-                              fill_seed=derive_seed(self.seed, "product-fill", server_round))
-        rep = agg.report
-        finite = lambda x: x if x is not None and math.isfinite(x) else None  # noqa: E731 (JSON has no inf)
-        return agg.adapter, {"method": "product", "naive_rel": finite(rep.naive_rel),
-                             "refactor_rel": finite(rep.refactor_rel), "exact_norm": rep.exact_norm}

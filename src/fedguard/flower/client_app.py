@@ -49,7 +49,6 @@ _PROCESSES: dict[str, _Process] = {}
 def config_from_context(context) -> ExperimentConfig:
     import yaml
 
-
     text = context.run_config.get("config")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the run config has no 'config' (the experiment's YAML text)")
@@ -103,7 +102,6 @@ def client_app(cfg: ExperimentConfig | None = None):
     """A ``ClientApp`` for ``cfg`` (None: read it from the run config)."""
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
-
 
     app = ClientApp()
 

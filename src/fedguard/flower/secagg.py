@@ -277,7 +277,6 @@ def secure_exchange(grid, cfg, roster: dict[str, int], server_round: int, instru
     ``Replies`` with no messages, the sum in ``summed`` (see the module's docstring)."""
     from flwr.server.workflow import SecAggPlusWorkflow
 
-
     p = cfg.privacy
     replies = Replies([], {})
     if not instructions:

@@ -77,7 +77,6 @@ class FlowerClients:
     def exchange(self, server_round: int, instructions, progress):
         from flwr.app import Message
 
-
         if not self.roster:
             self.enroll()
         if self.cfg.privacy.secure_aggregation != "none":  # Flower's SecAgg+: the server gets only the sum
@@ -140,7 +139,6 @@ def server_app(cfg: ExperimentConfig | None = None, run_dir: Path | None = None,
     """A ``ServerApp`` running ``cfg`` into ``run_dir`` (None: both from the run config, ``config`` = the YAML
     text and ``run-dir``); ``outcome`` receives the ``RunResult`` or the exception."""
     from flwr.serverapp import ServerApp
-
 
     app = ServerApp()
 

@@ -32,7 +32,6 @@ def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path | None = None):
     quiet_flower()
     from flwr.simulation import run_simulation
 
-
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     outcome: dict = {}
     run_simulation(server_app(cfg, run_dir, outcome), client_app(cfg), num_supernodes=cfg.federation.num_clients,

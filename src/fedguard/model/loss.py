@@ -99,6 +99,8 @@ def heldout_loss(loss_fn: CompletionLoss, examples: Sequence[TokenizedExample], 
                  device: torch.device | None = None) -> float | None:
     """The mean completion-token loss of ``examples`` under the model's current adapter, in eval mode and
     without grad (the model's train/eval mode restored); None for no examples."""
+    if not examples:
+        return None
     model = loss_fn.peft_model
     device = device if device is not None else loss_fn.loaded.device
     was_training = model.training

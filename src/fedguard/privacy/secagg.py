@@ -479,7 +479,6 @@ def secure_round_sum(updates, sent_global, settings: SecAggSettings, seed: int, 
     the server gets only their sum. ``dropped``: clients that share keys and then never send their vector."""
     import torch
 
-
     vectors = {u.client_id: client_vector(u, sent_global) for u in updates}
     if len(vectors) < 2:  # no secret to keep among fewer than two: nothing is summed, the round moves nothing
         return UpdateSum({k: torch.zeros_like(t, dtype=torch.float64) for k, t in sent_global.items()}, [],

@@ -164,8 +164,8 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    # lazy: the sweep module imports the run loop (torch)
-    from fedguard.recipes.sweep import compare_runs
+    # lazy: reading runs imports torch (through fedguard.evaluation)
+    from fedguard.reporting.runs import compare_runs
 
     print("\n".join(compare_runs(args.run_a, args.run_b)))
     return 0

@@ -11,6 +11,7 @@ from fedguard.config import ExperimentConfig, split_level
 from fedguard.evaluation.stats import RATE_N, format_rate
 from fedguard.io import atomic_write_bytes, atomic_write_text
 from fedguard.reporting.figures import png_bytes, pyplot
+from fedguard.reporting.format import number
 
 
 def plot_overview(records: list[dict[str, Any]], title: str) -> bytes:
@@ -150,7 +151,7 @@ def _privacy_section(cfg: ExperimentConfig, records: list[dict[str, Any]], final
                   "| round | clients | clipped | median update norm | clip | ε |", "|---:|---:|---:|---:|---:|---:|"]
         for r in rounds:
             q = r["privacy"]
-            lines.append(f"| {r['round']} | {q['clients']} | {q.get('clipped', '–')} | {_fmt(q.get('median_norm'), 4)} "
+            lines.append(f"| {r['round']} | {q['clients']} | {q.get('clipped', '–')} | {number(q.get('median_norm'), 4)} "
                          f"| {q['clip']:.4g} | {_eps(q['epsilon'])} |")
     elif rounds:
         lines += ["", "## Privacy", "", f"Secure aggregation (SecAgg+) without DP: the server sees only the sum of "
@@ -204,8 +205,8 @@ def _defense_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> li
             if v.get("audit"):
                 p += f"; Δ {v['audit']['refusal_shift']:+.3f}"
             cells.append(f"{'⚠' if v['client_id'] in bad else ''}{v['client_id']}: {v['weight']:.2f} ({p})")
-        lines.append(f"| {r['round']} | {'yes' if d['skipped'] else 'no'} | {_fmt(det.get('tpr'))} | "
-                     f"{_fmt(det.get('fpr'))} | {_fmt(det.get('auroc'))} | {_fmt(d.get('audit_seconds'))} | "
+        lines.append(f"| {r['round']} | {'yes' if d['skipped'] else 'no'} | {number(det.get('tpr'), 2)} | "
+                     f"{number(det.get('fpr'), 2)} | {number(det.get('auroc'), 2)} | {number(d.get('audit_seconds'), 2)} | "
                      f"{'; '.join(cells)} |")
     return lines
 
@@ -222,7 +223,7 @@ def _screening_section(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> 
     for r in rounds:
         det, bad = r["screening"].get("detection") or {}, {str(c) for c in r.get("malicious_sampled", [])}
         cells = [f"{'⚠' if c in bad else ''}{c}: {v:.2f}" for c, v in r["screening"]["kept"].items()]
-        lines.append(f"| {r['round']} | {_fmt(det.get('tpr'))} | {_fmt(det.get('fpr'))} | {'; '.join(cells)} |")
+        lines.append(f"| {r['round']} | {number(det.get('tpr'), 2)} | {number(det.get('fpr'), 2)} | {'; '.join(cells)} |")
     return lines
 
 
@@ -258,7 +259,7 @@ def _communication_section(cfg: ExperimentConfig, records: list[dict[str, Any]],
              "attachments (counted apart)."]
     after = final.get("after", {})
     if after:
-        utility = ", ".join(f"{k} {_fmt(after[k], 2)}" for k in ("eval_loss", "exact_match", "refusal_rate")
+        utility = ", ".join(f"{k} {number(after[k], 2)}" for k in ("eval_loss", "exact_match", "refusal_rate")
                             if k in after)
         lines += ["", f"Utility at these bytes (after round {final.get('after_round')}): {utility}."]
     exact = [r for r in rounds if r.get("lora_aggregation", {}).get("method") == "product"]
@@ -267,8 +268,8 @@ def _communication_section(cfg: ExperimentConfig, records: list[dict[str, Any]],
                   "Relative Frobenius error against the exact weighted mean M = Σ p_k s B_k A_k: of naive separate "
                   "A/B averaging (what FedAvg would have used) and of the rank-r SVD refactorisation (what is used).",
                   "", "| round | naive A/B averaging | rank-r refactorisation |", "|---:|---:|---:|"]
-        lines += [f"| {r['round']} | {_fmt(r['lora_aggregation'].get('naive_rel'), 4)} | "
-                  f"{_fmt(r['lora_aggregation'].get('refactor_rel'), 4)} |" for r in exact]
+        lines += [f"| {r['round']} | {number(r['lora_aggregation'].get('naive_rel'), 4)} | "
+                  f"{number(r['lora_aggregation'].get('refactor_rel'), 4)} |" for r in exact]
     stacked = [r for r in rounds if r.get("lora_aggregation", {}).get("method") == "flora"]
     if stacked:
         lines += ["", "### FLoRA stacking", "",
@@ -282,15 +283,7 @@ def _communication_section(cfg: ExperimentConfig, records: list[dict[str, Any]],
 
 
 def _with_interval(ev: dict[str, Any], key: str, nd: int) -> str:
-    return format_rate(ev, key, nd) if key in RATE_N else _fmt(ev.get(key), nd)
-
-
-def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
+    return format_rate(ev, key, nd) if key in RATE_N else number(ev.get(key), nd)
 
 
 def _md_escape(text: str, limit: int = 160) -> str:
@@ -388,8 +381,8 @@ def write_report(run_dir: Path, cfg: ExperimentConfig, records: list[dict[str, A
               "bare keywords such as 'illegal' do not count).",
               "* **Exact match**: the first line of the greedy response, normalised, equals or ends with the reference answer.",
               "* **Held-out loss**: completion-only cross-entropy on held-out examples.",
-              "", f"Wall time of the last process: {_fmt(final.get('wall_seconds_this_process'), 1)} s; "
-              f"mean round {_fmt(final.get('mean_round_seconds'), 1)} s. Files: `config.yaml`, `metrics.ndjson`, "
+              "", f"Wall time of the last process: {number(final.get('wall_seconds_this_process'), 1)} s; "
+              f"mean round {number(final.get('mean_round_seconds'), 1)} s. Files: `config.yaml`, `metrics.ndjson`, "
               "`final_metrics.json`, `checkpoints/`, `final_adapter/` (PEFT), `run.log`.", ""]
     report = run_dir / "report.md"
     atomic_write_text(report, "\n".join(lines))

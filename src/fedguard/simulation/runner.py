@@ -21,7 +21,7 @@ from fedguard.data.federation import build_eval_data
 from fedguard.engine import ClientsFactory, Replies
 from fedguard.evaluation.evaluator import Evaluator
 from fedguard.factories import Resident, build_defense, build_realign, build_server, load_resident
-from fedguard.federated.server import flora_merged
+from fedguard.federated.strategies import flora_merged
 from fedguard.federated.transport import decode_update
 from fedguard.io import NdjsonWriter, atomic_write_json, atomic_write_text, read_ndjson, save_tensors
 from fedguard.messages import ServerState

@@ -219,14 +219,6 @@ def _step(meta: Mapping[str, Any]) -> int:
     return s if isinstance(s, int) and not isinstance(s, bool) and -2**63 <= s < 2**63 else 0
 
 
-# ----------------------------------------------------------------------------------------------- byte counts
-
-    def total_bytes(self) -> dict[str, int]:
-        """{"up": .., "down": ..} over every kind and client."""
-        b = self.bytes
-        return {d: sum(v[d] for v in b.values()) for d in ("up", "down")}
-
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 def _pem(x: str | Path | bytes) -> bytes:

@@ -79,6 +79,11 @@ class ByteMeter:
         with self._lock:
             return dict(self._messages)
 
+    def total_bytes(self) -> dict[str, int]:
+        """{"up": .., "down": ..} over every kind and client."""
+        b = self.bytes
+        return {d: sum(v[d] for v in b.values()) for d in ("up", "down")}
+
 class InProcessTransport(ByteMeter):
     def __init__(self, server, *, max_message_bytes: int | None = None, record: bool = False):
         super().__init__()
