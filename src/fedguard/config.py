@@ -924,6 +924,14 @@ def _config_text(path: str | Path) -> str:
                       "`fedguard init DIR` writes them out)")
 
 
+def add_config_arguments(parser, **config) -> None:
+    """A command's ``config`` positional (``config``: its argparse settings) and the repeatable ``--set`` overrides
+    that ``load_config`` reads, as every command that takes a config spells them."""
+    parser.add_argument("config", **config)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by its dotted name, e.g. --set train.lr=1e-4 (repeatable)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     raw: dict[str, Any] = {}
     if path is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from fedguard.config import load_config
+from fedguard.config import add_config_arguments, load_config
 from fedguard.run_dir import console_log
 
 
@@ -18,8 +18,7 @@ def register(sub) -> None:
                                     "model.aligned: true makes runs start from it. Prints refusal on held-out harm "
                                     "categories and an independent harmful set, over-refusal on benign look-alikes, "
                                     "and benign utility, for the base and the aligned model.")
-    al.add_argument("config")
-    al.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(al)
     al.set_defaults(handler=_align)
 
 

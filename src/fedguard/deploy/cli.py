@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedguard.config import ConfigError, load_config
+from fedguard.config import ConfigError, add_config_arguments, load_config
 
 
 def register(sub) -> None:
@@ -52,12 +52,10 @@ def register(sub) -> None:
     sn.add_argument("--port", type=int, default=9094, help="the node's local runtime port (one per node per machine)")
     sb = dsub.add_parser("submit", help="run an experiment on the deployment and stream its log")
     common(sb)
-    sb.add_argument("config")
-    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(sb)
     sb.add_argument("--run-dir", type=Path, required=True, help="where the SuperLink's machine writes the run")
     lo = dsub.add_parser("local", help="all of it on this machine (credentials, SuperLink, N SuperNodes, the run)")
-    lo.add_argument("config")
-    lo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(lo)
     lo.add_argument("--run-dir", type=Path, required=True)
     lo.add_argument("--workdir", type=Path, default=Path("deploy-local"))
     lo.add_argument("--port", type=int, default=9093, help="the SuperLink's port; nodes use the next ones")

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from fedguard.config import DEFENSE_LEVELS, ConfigError, load_config, shipped_configs
+from fedguard.config import DEFENSE_LEVELS, ConfigError, add_config_arguments, load_config, shipped_configs
 from fedguard.io import atomic_write_text, read_ndjson
 from fedguard.run_dir import FINAL_METRICS_FILE, METRICS_FILE, console_log, load_run_config
 
@@ -27,9 +27,7 @@ def _run_parsers(sub) -> None:
     run = sub.add_parser("run", help="run an experiment from a YAML config",
                          description="Run an experiment. Writes a run directory with the resolved config, "
                                      "per-round metrics (NDJSON), PEFT checkpoints, final metrics and a report.")
-    run.add_argument("config", help="experiment YAML, or a shipped config by name (tiny, default, ...)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field by its dotted name, e.g. --set train.lr=1e-4 (repeatable)")
+    add_config_arguments(run, help="experiment YAML, or a shipped config by name (tiny, default, ...)")
     run.add_argument("--run-dir", type=Path, default=None, help="write here instead of OUTPUT_DIR/NAME-TIMESTAMP")
     run.add_argument("--quiet", action="store_true", help="no progress bars or console logs (run.log still written)")
     run.add_argument("--engine", choices=("embedded", "flower-sim"), default="embedded",
@@ -56,8 +54,7 @@ def _run_parsers(sub) -> None:
     cmp_.set_defaults(handler=_compare)
 
     show = sub.add_parser("show-config", help="print the resolved, validated config (defaults filled in)")
-    show.add_argument("config", nargs="?", default=None, help="experiment YAML (omit for the defaults)")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(show, nargs="?", default=None, help="experiment YAML (omit for the defaults)")
     show.set_defaults(handler=_show_config)
 
     init = sub.add_parser("init", help="write the shipped example configs (tiny, default, ...) into a folder to edit")
@@ -74,8 +71,7 @@ def _study_parsers(sub) -> None:
     sw = sub.add_parser("sweep", help="benign:malicious ratios x defense levels, one comparison report",
                         description="Run one config over a grid of benign:malicious ratios and defense levels; "
                                     "writes every run plus sweep.md (table + plots). Finished cells are reused.")
-    sw.add_argument("config")
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(sw)
     sw.add_argument("--ratios", default=None, help="comma-separated BENIGN:MALICIOUS ratios (default: sweep.ratios)")
     sw.add_argument("--levels", default=None, help="comma-separated defense levels (default: sweep.levels)")
     sw.add_argument("--attacks", default=None,
@@ -95,8 +91,7 @@ def _study_parsers(sub) -> None:
                                     "aggregate those same updates and are evaluated. Then wire formats vs utility on "
                                     "the all-benign federation. Writes study.md (tables + plots); rows already "
                                     "measured in --out are reused.")
-    st.add_argument("config")
-    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(st)
     st.add_argument("--scenarios", default=None,
                     help="comma-separated ATTACK@BENIGN:MALICIOUS (default: aggregator_study.scenarios)")
     st.add_argument("--aggregators", default=None, help="comma-separated rules (default: aggregator_study.aggregators)")
@@ -112,8 +107,7 @@ def _study_parsers(sub) -> None:
                               description="Generate labelled ΔLoRA features by local training from θ₀ on the built-in "
                                           "probe split (benign vs harmful), train the probe, report held-out "
                                           "AUROC / precision / recall / F1 / FPR, and save the artifact.")
-    pb.add_argument("config")
-    pb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(pb)
     pb.add_argument("--out", type=Path, default=None, help="artifact folder (default: the cache, keyed by config)")
     pb.add_argument("--compare-selections", action="store_true",
                     help="also report held-out detection for every feature selection on the same snapshots")

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedguard.config import ConfigError, load_config
+from fedguard.config import ConfigError, add_config_arguments, load_config
 from fedguard.io import atomic_write_json
 
 
@@ -40,8 +40,7 @@ def register(sub) -> None:
                                      "serves clients until SIGINT/SIGTERM, one thread per call. Writes run.log, "
                                      "metrics.ndjson, server_metrics.json (bytes per client and message kind) and "
                                      "adapters/server.safetensors to its run folder.")
-    se.add_argument("config")
-    se.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(se)
     se.add_argument("--address", required=True, help="HOST:PORT to bind (port 0: pick a free one, printed)")
     se.add_argument("--credentials", type=Path, required=True,
                     help="folder with ca.crt, server.pem, server.key (`fedguard split certs`)")
@@ -57,8 +56,7 @@ def register(sub) -> None:
                          description="Train split.steps steps per client in split.mode; writes config.yaml, "
                                      "metrics.ndjson (per step: loss, bytes per message kind, mean|h_A|, noise), "
                                      "final_metrics.json and adapters/ (safetensors).")
-    tr.add_argument("config")
-    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(tr)
     tr.add_argument("--run-dir", type=Path, default=None, help="default: OUTPUT_DIR/NAME-split-TIMESTAMP")
     tr.add_argument("--quiet", action="store_true", help="no console logs (run.log still written)")
     _remote_options(tr)
@@ -68,8 +66,7 @@ def register(sub) -> None:
                          description="Greedy decoding of chat prompts with the client's parts and the server's "
                                      "middle, each with its own KV cache; one [B,1,H] hidden state each way per "
                                      "token. Prints the answers and the bytes per message kind.")
-    ge.add_argument("config")
-    ge.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(ge)
     ge.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: one batch)")
     ge.add_argument("--adapters", type=Path, default=None,
                     help="a `split train` run's adapters/ folder (default: the untrained LoRA θ₀)")

@@ -54,7 +54,6 @@ class AggregationStrategy:
 
     name: ClassVar[str]
     keeps_global_adapter: ClassVar[bool] = True  # False: the result lives elsewhere (FLoRA: in the base weights)
-    sums_updates: ClassVar[bool] = False  # True: a sum of clipped updates is all it needs (DP, secure summation)
 
     @classmethod
     def build(cls, aggregator, lora_alpha: float, seed: int) -> AggregationStrategy:
@@ -77,9 +76,6 @@ class AggregationStrategy:
 
     def aggregate(self, r: RoundInput) -> Aggregated:
         raise NotImplementedError
-
-    def restore(self, state: ServerState) -> None:
-        """Bring the strategy's own state back from a checkpointed server state (stateless by default)."""
 
 
 def unchanged(r: RoundInput) -> AdapterState:

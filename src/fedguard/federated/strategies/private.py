@@ -15,8 +15,6 @@ PRIVACY_META = "privacy"  # ServerState.meta: the DP accountant's history
 
 
 class _Wrapper(AggregationStrategy):
-    sums_updates = True
-
     def __init__(self, inner: AggregationStrategy, what: str):
         if not isinstance(inner, NaiveRule):
             raise ValueError(f"{what} needs naive LoRA aggregation (the sum of the clients' tensors), not "
